@@ -1,0 +1,18 @@
+//! DuoDecoding core.
+//!
+//! - [`runtime`]: ONNX Runtime provisioning and the decoder-only causal-LM
+//!   runner (KV cache, rollback, branches).
+//! - [`sampling`]: logits processing and seeded sampling.
+//! - [`tokenizer`]: `tokenizer.json` loading and streaming detokenization.
+//! - [`spec`]: the speculative algorithm as pure logic with no I/O:
+//!   verification, the DuoDecoding round state machine, the drafting policy,
+//!   the budget controller and termination.
+//! - [`engine`]: the in-process engine that drives [`spec`] over [`runtime`]
+//!   in three modes (autoregressive, speculative, duodecoding).
+
+pub mod engine;
+pub mod runtime;
+pub mod sampling;
+pub mod spec;
+pub mod stats;
+pub mod tokenizer;

@@ -1,0 +1,215 @@
+//! KV-cache state: [`Sequence`] (one context) and [`Branches`] (k
+//! continuations of one context, run as a batch).
+//!
+//! The cache is kept as ONNX Runtime values between runs: each forward's
+//! `present.*` outputs are moved in and fed back as `past_key_values.*`
+//! without a copy. Only structural edits copy: truncation (rollback),
+//! forking k branches, and keeping one branch.
+
+use ndarray::{Axis, Slice};
+use ort::value::PrimitiveTensorElementType;
+use ort::value::{DynValue, Tensor};
+
+use super::RuntimeError;
+use super::model::{KvDType, ModelInfo};
+
+/// The KV tensors of a batch of equal-length contexts.
+///
+/// Invariants: `values` holds key and value for every layer
+/// (`2 * num_layers` tensors, each `[batch, kv_heads, len, head_dim]`).
+pub(crate) struct KvCache {
+    pub(crate) values: Vec<DynValue>,
+    batch: usize,
+    len: usize,
+    dtype: KvDType,
+}
+
+impl KvCache {
+    pub(crate) fn empty(info: &ModelInfo, batch: usize) -> Result<Self, RuntimeError> {
+        let shape = [batch, info.kv_heads, 0, info.head_dim];
+        let values = (0..2 * info.num_layers)
+            .map(|_| -> Result<DynValue, RuntimeError> {
+                Ok(match info.kv_dtype {
+                    KvDType::F32 => Tensor::from_array((shape, Vec::<f32>::new()))?.into_dyn(),
+                    KvDType::F16 => Tensor::from_array((shape, Vec::<half::f16>::new()))?.into_dyn(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            values,
+            batch,
+            len: 0,
+            dtype: info.kv_dtype,
+        })
+    }
+
+    /// Moves a forward's `present.*` outputs in as the cache of length `len`.
+    pub(crate) fn replace(&mut self, present: Vec<DynValue>, len: usize) {
+        self.values = present;
+        self.len = len;
+    }
+
+    /// Keeps the first `n` positions (no-op when `n >= len`).
+    fn truncate(&mut self, n: usize) -> Result<(), RuntimeError> {
+        if n >= self.len {
+            return Ok(());
+        }
+        self.values = self.edit(&Edit::Truncate(n))?;
+        self.len = n;
+        Ok(())
+    }
+
+    /// A cache of `k` rows, each a copy of row 0.
+    fn tile(&self, k: usize) -> Result<Self, RuntimeError> {
+        Ok(Self {
+            values: self.edit(&Edit::Tile(k))?,
+            batch: k,
+            len: self.len,
+            dtype: self.dtype,
+        })
+    }
+
+    /// Row `row`, first `n` positions, as a cache of batch 1.
+    fn select(&self, row: usize, n: usize) -> Result<Self, RuntimeError> {
+        if row >= self.batch {
+            return Err(RuntimeError::Invalid(format!("no branch {row} among {}", self.batch)));
+        }
+        let n = n.min(self.len);
+        Ok(Self {
+            values: self.edit(&Edit::Select { row, n })?,
+            batch: 1,
+            len: n,
+            dtype: self.dtype,
+        })
+    }
+
+    fn edit(&self, e: &Edit) -> Result<Vec<DynValue>, RuntimeError> {
+        self.values
+            .iter()
+            .map(|v| match self.dtype {
+                KvDType::F32 => e.apply::<f32>(v),
+                KvDType::F16 => e.apply::<half::f16>(v),
+            })
+            .collect()
+    }
+}
+
+/// A structural edit of one `[batch, kv_heads, len, head_dim]` tensor.
+enum Edit {
+    Truncate(usize),
+    Tile(usize),
+    Select { row: usize, n: usize },
+}
+
+impl Edit {
+    fn apply<T: PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+        &self,
+        v: &DynValue,
+    ) -> Result<DynValue, RuntimeError> {
+        let a = v.try_extract_array::<T>()?;
+        let out = match *self {
+            Edit::Truncate(n) => a.slice_axis(Axis(2), Slice::from(..n)).to_owned(),
+            Edit::Tile(k) => {
+                let row = a.slice_axis(Axis(0), Slice::from(0..1));
+                ndarray::concatenate(Axis(0), &vec![row; k])
+                    .map_err(|e| RuntimeError::Invalid(format!("tiling the KV cache: {e}")))?
+            }
+            Edit::Select { row, n } => a
+                .slice_axis(Axis(0), Slice::from(row..row + 1))
+                .slice_axis(Axis(2), Slice::from(..n))
+                .to_owned(),
+        };
+        Ok(Tensor::from_array(out.as_standard_layout().into_owned())?.into_dyn())
+    }
+}
+
+/// One context and its KV cache.
+///
+/// Invariant: every token of `tokens` has been fed, i.e. the cache covers
+/// exactly `tokens.len()` positions.
+pub struct Sequence {
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) kv: KvCache,
+}
+
+impl Sequence {
+    pub(crate) fn new(kv: KvCache) -> Self {
+        Self { tokens: Vec::new(), kv }
+    }
+
+    /// Tokens in the context.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Rolls back to the first `n` tokens (no-op when `n >= len`).
+    pub fn truncate(&mut self, n: usize) -> Result<(), RuntimeError> {
+        self.kv.truncate(n)?;
+        self.tokens.truncate(n);
+        Ok(())
+    }
+
+    /// Forks `k >= 1` branches that all start from this context.
+    pub fn fork(&self, k: usize) -> Result<Branches, RuntimeError> {
+        if k == 0 {
+            return Err(RuntimeError::Invalid("fork needs at least one branch".into()));
+        }
+        Ok(Branches {
+            base: self.tokens.clone(),
+            rows: vec![Vec::new(); k],
+            kv: self.kv.tile(k)?,
+        })
+    }
+}
+
+/// `k` continuations of one shared context, advanced together one token per
+/// branch per forward (one batched run).
+///
+/// Invariant: every row has the same number of tokens after `base`, and the
+/// cache (batch k) covers `base.len() + rows[j].len()` positions.
+pub struct Branches {
+    base: Vec<u32>,
+    pub(crate) rows: Vec<Vec<u32>>,
+    pub(crate) kv: KvCache,
+}
+
+impl Branches {
+    /// Number of branches.
+    pub fn count(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Context length of each branch (shared prefix + its own tokens).
+    pub fn len(&self) -> usize {
+        self.base.len() + self.rows.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Branch `j`'s own tokens (after the shared context).
+    pub fn branch(&self, j: usize) -> &[u32] {
+        self.rows.get(j).map_or(&[], Vec::as_slice)
+    }
+
+    /// Keeps branch `j` with its first `n` own tokens; drops the others.
+    pub fn keep(self, j: usize, n: usize) -> Result<Sequence, RuntimeError> {
+        let Some(row) = self.rows.get(j) else {
+            return Err(RuntimeError::Invalid(format!("no branch {j} among {}", self.rows.len())));
+        };
+        let n = n.min(row.len());
+        let mut tokens = self.base;
+        tokens.extend_from_slice(&row[..n]);
+        let kv = self.kv.select(j, tokens.len())?;
+        Ok(Sequence { tokens, kv })
+    }
+}

@@ -1,0 +1,44 @@
+//! Running decoder-only ONNX models step by step with their KV cache.
+//!
+//! - [`env`]: loading the ONNX Runtime library.
+//! - [`model`]: [`CausalLm`], a model in the Hugging Face Optimum convention
+//!   whose shape (layers, KV heads, head dim, KV dtype, vocabulary) is
+//!   discovered from the graph.
+//! - [`kv`]: [`Sequence`] (one context and its cache: append, truncate) and
+//!   [`Branches`] (k continuations forked from one sequence, run as a batch).
+
+pub mod env;
+pub mod kv;
+pub mod model;
+
+pub use kv::{Branches, Sequence};
+pub use model::{CausalLm, Device, Logits, ModelInfo, ModelOptions};
+
+/// Errors of the model runtime. Messages say what is missing and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The ONNX Runtime shared library could not be loaded.
+    #[error("{0}")]
+    Library(String),
+    /// The model file is missing or unreadable.
+    #[error("model not found: {0}")]
+    ModelMissing(String),
+    /// The model's inputs/outputs do not follow the decoder-only KV-cache convention.
+    #[error("model {path} is not a decoder-only ONNX model with a KV cache: {reason}")]
+    Incompatible { path: String, reason: String },
+    /// The requested execution provider could not be used.
+    #[error("execution provider {provider} unavailable: {reason}")]
+    Provider { provider: String, reason: String },
+    /// A call that breaks the runtime's contract (e.g. empty input, too long a context).
+    #[error("invalid model call: {0}")]
+    Invalid(String),
+    /// ONNX Runtime failed while running the model.
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+}
+
+impl From<ort::Error> for RuntimeError {
+    fn from(e: ort::Error) -> Self {
+        RuntimeError::Ort(e.to_string())
+    }
+}
