@@ -19,7 +19,7 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let script = root.join("scripts/fetch-onnxruntime.sh");
     let dest = lib.parent().unwrap_or(Path::new("."));
-    if !script.exists() || !dest.ends_with(".ort") {
+    if !script.exists() || dest.file_name() != Some(std::ffi::OsStr::new(".ort")) {
         return;
     }
     match Command::new("bash").arg(&script).arg(dest).status() {

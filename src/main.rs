@@ -1,1 +1,191 @@
-fn main() {}
+//! `duo`: generate text and benchmark decoding modes in one process.
+
+mod bench;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use duo_core::engine::{Engine, EngineConfig, GenerateParams, Mode};
+use duo_core::runtime::Device;
+use duo_core::sampling::SamplingParams;
+use duo_core::spec::budget::BudgetConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "duo",
+    version,
+    about = "DuoDecoding: speculative decoding with a CPU draft and a GPU target, in one process"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream a completion from the model pair; prints a stats line at the end.
+    Generate(GenerateArgs),
+    /// Compare autoregressive, speculative and duodecoding on Spec-Bench prompts.
+    Bench(bench::BenchArgs),
+}
+
+/// Where the models are and how to run them.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Folder with target/, draft/ and tokenizer.json.
+    #[arg(long, env = "DUO_MODELS", default_value = default_models())]
+    pub models: PathBuf,
+    /// Target model (folder or .onnx); default: MODELS/target.
+    #[arg(long)]
+    pub target: Option<PathBuf>,
+    /// Draft model (folder or .onnx); default: MODELS/draft.
+    #[arg(long)]
+    pub draft: Option<PathBuf>,
+    /// tokenizer.json; default: MODELS/tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Target device: cpu, cuda, cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    #[arg(long, default_value_t = 1)]
+    pub target_threads: usize,
+    #[arg(long, default_value_t = 1)]
+    pub draft_threads: usize,
+    /// Don't pin the target and draft threads to separate cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the build's .ort/).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+const fn default_models() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/models")
+}
+
+impl ModelArgs {
+    pub fn config(&self) -> EngineConfig {
+        let mut cfg = EngineConfig::bundled(&self.models);
+        if let Some(t) = &self.target {
+            cfg.target = t.clone();
+        }
+        if let Some(d) = &self.draft {
+            cfg.draft = d.clone();
+        }
+        if let Some(t) = &self.tokenizer {
+            cfg.tokenizer = t.clone();
+        }
+        cfg.target_device = self.device;
+        cfg.target_threads = self.target_threads;
+        cfg.draft_threads = self.draft_threads;
+        cfg.pin_cores = !self.no_pin;
+        cfg.ort_lib = self.ort_lib.clone();
+        cfg.budget = BudgetConfig::default();
+        cfg
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The prompt text.
+    prompt: String,
+    #[command(flatten)]
+    models: ModelArgs,
+    /// duodecoding, speculative or autoregressive.
+    #[arg(long, default_value = "duodecoding")]
+    mode: Mode,
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop sequence (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Fixed draft budget γ (default: chosen by the budget controller; 4 for speculative).
+    #[arg(long)]
+    gamma: Option<usize>,
+    /// Most draft branches per round (1 = single sequence).
+    #[arg(long, default_value_t = 4)]
+    max_branches: usize,
+    /// Print the stats as JSON instead of a line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let mut engine = Engine::load(&a.models.config()).context("loading the models")?;
+    let prompt = engine.tokenizer().encode(&a.prompt)?;
+    let params = GenerateParams {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+        },
+        seed: a.seed,
+        stop: a.stop,
+        mode: a.mode,
+        gamma: a.gamma,
+        max_branches: a.max_branches,
+    };
+    let mut out = std::io::stdout();
+    print!("{}", a.prompt);
+    let g = engine.generate(prompt, &params, &mut |text, _| {
+        let _ = write!(out, "{text}");
+        let _ = out.flush();
+        true
+    })?;
+    println!();
+    let s = &g.stats;
+    if a.json {
+        eprintln!("{}", serde_json::to_string(&g.stats)?);
+    } else {
+        eprintln!(
+            "[{}] {} tokens in {:.1} ms ({:.1} tok/s), TTFT {:.1} ms, {} rounds, mean accepted {:.2}, drafted {} accepted {}, gamma {:.1}, k {:?}, idle target {:.0}% draft {:.0}%, finish {:?}",
+            s.mode,
+            s.new_tokens,
+            s.total_ms,
+            s.tokens_per_s,
+            s.ttft_ms,
+            s.rounds,
+            s.mean_accepted,
+            s.drafted,
+            s.accepted,
+            s.gamma_mean,
+            s.k_hist,
+            100.0 * s.target_idle_ms / s.total_ms.max(1e-9),
+            100.0 * s.draft_idle_ms / s.total_ms.max(1e-9),
+            g.finish_reason,
+        );
+    }
+    Ok(())
+}

@@ -143,6 +143,37 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The `n` most likely tokens under softmax(`logits`) (temperature 1) with
+/// their exact probabilities, most likely first (ties by token id). Costs
+/// one pass over the logits plus a selection, no full sort: the drafting
+/// policy only needs the top candidates.
+pub fn top_softmax(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() || n == 0 {
+        return Vec::new();
+    }
+    let mut z = 0f64;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if !l.is_finite() {
+            continue;
+        }
+        z += f64::from(l - max).exp();
+        if top.len() < n || l > top[top.len() - 1].1 {
+            let pos = top.partition_point(|e| e.1 >= l);
+            top.insert(pos, (i as u32, l));
+            top.truncate(n);
+        }
+    }
+    top.into_iter()
+        .map(|(t, l)| (t, (f64::from(l - max).exp() / z) as f32))
+        .collect()
+}
+
 /// A processed next-token distribution over its support.
 ///
 /// Invariants: `entries` is non-empty, sorted by probability descending
@@ -269,7 +300,12 @@ mod tests {
             top_k: 3,
             top_p: 0.6,
         };
-        let ids: Vec<u32> = p.distribution(&logits()).entries().iter().map(|e| e.0).collect();
+        let ids: Vec<u32> = p
+            .distribution(&logits())
+            .entries()
+            .iter()
+            .map(|e| e.0)
+            .collect();
         assert_eq!(ids, vec![1, 5]);
     }
 
@@ -284,7 +320,11 @@ mod tests {
     #[test]
     fn validate_rejects_bad_settings() {
         assert!(SamplingParams::with_temperature(-1.0).validate().is_err());
-        assert!(SamplingParams::with_temperature(f32::NAN).validate().is_err());
+        assert!(
+            SamplingParams::with_temperature(f32::NAN)
+                .validate()
+                .is_err()
+        );
         let mut p = SamplingParams::greedy();
         p.top_p = 0.0;
         assert!(p.validate().is_err());
@@ -317,9 +357,24 @@ mod tests {
             for _ in 0..n {
                 counts[d.sample(&mut rng) as usize] += 1;
             }
-            let stat = crate::stats::chi_square(&counts, &(0..6).map(|t| d.prob(t)).collect::<Vec<_>>());
+            let stat =
+                crate::stats::chi_square(&counts, &(0..6).map(|t| d.prob(t)).collect::<Vec<_>>());
             assert!(stat.p_value > 0.01, "setting {s:?}: {stat:?}");
         }
+    }
+
+    #[test]
+    fn top_softmax_matches_full_distribution() {
+        let l = logits();
+        let full = SamplingParams::with_temperature(1.0).distribution(&l);
+        let top = top_softmax(&l, 3);
+        assert_eq!(top.len(), 3);
+        for (e, f) in top.iter().zip(full.entries()) {
+            assert_eq!(e.0, f.0);
+            assert!((e.1 - f.1).abs() < 1e-6);
+        }
+        assert!(top_softmax(&[f32::NAN], 3).is_empty());
+        assert_eq!(top_softmax(&l, 10).len(), 6);
     }
 
     #[test]

@@ -39,7 +39,8 @@ struct Greedy {
 }
 
 fn fixture(name: &str) -> Fixture {
-    let text = std::fs::read_to_string(models().join(format!("fixtures/{name}.json"))).expect("fixture exists");
+    let text = std::fs::read_to_string(models().join(format!("fixtures/{name}.json")))
+        .expect("fixture exists");
     serde_json::from_str(&text).expect("fixture parses")
 }
 
@@ -75,7 +76,12 @@ fn parity_with_pytorch_fixtures() {
                         row[id as usize]
                     );
                 }
-                assert_eq!(argmax(row), ids[0], "{name}/{} position {pos}: argmax", case.name);
+                assert_eq!(
+                    argmax(row),
+                    ids[0],
+                    "{name}/{} position {pos}: argmax",
+                    case.name
+                );
             }
         }
         eprintln!("{name}: worst |logit diff| vs PyTorch {worst:.2e}");
@@ -95,7 +101,11 @@ fn greedy_continuation_matches_pytorch() {
             for (i, &want) in g.greedy.iter().enumerate() {
                 let got = argmax(logits.last());
                 if got != want {
-                    assert!(g.top2_gap[i] < 1e-3, "{name}: diverged at step {i} with gap {}", g.top2_gap[i]);
+                    assert!(
+                        g.top2_gap[i] < 1e-3,
+                        "{name}: diverged at step {i} with gap {}",
+                        g.top2_gap[i]
+                    );
                     break;
                 }
                 logits = lm.extend(&mut seq, &[got]).unwrap();
@@ -104,7 +114,12 @@ fn greedy_continuation_matches_pytorch() {
     }
 }
 
-fn decode_greedy(lm: &mut CausalLm, seq: &mut duo_core::runtime::Sequence, first: &[f32], n: usize) -> Vec<u32> {
+fn decode_greedy(
+    lm: &mut CausalLm,
+    seq: &mut duo_core::runtime::Sequence,
+    first: &[f32],
+    n: usize,
+) -> Vec<u32> {
     let mut out = Vec::new();
     let mut next = argmax(first);
     for _ in 0..n {
@@ -170,8 +185,16 @@ fn branches_equal_sequential_and_fresh() {
         let mut t = h;
         for (step, bl) in batched_logits.iter().enumerate() {
             let l = lm.extend(&mut seq, &[t]).unwrap();
-            let max_diff = l.last().iter().zip(bl.row(j)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(max_diff < 1e-4, "branch {j} step {step}: batched vs sequential differ by {max_diff}");
+            let max_diff = l
+                .last()
+                .iter()
+                .zip(bl.row(j))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                max_diff < 1e-4,
+                "branch {j} step {step}: batched vs sequential differ by {max_diff}"
+            );
             t = argmax(l.last());
         }
         assert_eq!(seq.tokens()[p.len()..], br.branch(j)[..]);
@@ -186,7 +209,12 @@ fn branches_equal_sequential_and_fresh() {
     ctx.extend_from_slice(&kept_tokens);
     ctx.push(5);
     let f = lm.extend(&mut fresh, &ctx).unwrap();
-    let max_diff = l.last().iter().zip(f.last()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max_diff = l
+        .last()
+        .iter()
+        .zip(f.last())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(max_diff < 1e-4, "kept branch vs fresh: {max_diff}");
 }
 
@@ -194,24 +222,43 @@ fn branches_equal_sequential_and_fresh() {
 #[test]
 fn discovers_gqa_shape_from_graph() {
     let lm = load("target");
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(models().join("target/config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(models().join("target/config.json")).unwrap(),
+    )
+    .unwrap();
     let info = lm.info();
-    assert_eq!(info.kv_heads as u64, cfg["num_key_value_heads"].as_u64().unwrap());
-    assert!(info.kv_heads < cfg["num_attention_heads"].as_u64().unwrap() as usize, "target must use GQA");
-    assert_eq!(info.num_layers as u64, cfg["num_hidden_layers"].as_u64().unwrap());
+    assert_eq!(
+        info.kv_heads as u64,
+        cfg["num_key_value_heads"].as_u64().unwrap()
+    );
+    assert!(
+        info.kv_heads < cfg["num_attention_heads"].as_u64().unwrap() as usize,
+        "target must use GQA"
+    );
+    assert_eq!(
+        info.num_layers as u64,
+        cfg["num_hidden_layers"].as_u64().unwrap()
+    );
     assert_eq!(info.head_dim as u64, cfg["head_dim"].as_u64().unwrap());
-    assert_eq!(info.context_len, cfg["max_position_embeddings"].as_u64().map(|v| v as usize));
+    assert_eq!(
+        info.context_len,
+        cfg["max_position_embeddings"].as_u64().map(|v| v as usize)
+    );
     assert!(info.has_position_ids);
     assert_eq!(info.provider, "CPU");
 }
 
 #[test]
 fn incompatible_and_missing_models_get_clear_errors() {
-    let err = CausalLm::load(&models().join("fixtures/not_a_causal_lm.onnx"), &ModelOptions::default()).unwrap_err();
+    let err = CausalLm::load(
+        &models().join("fixtures/not_a_causal_lm.onnx"),
+        &ModelOptions::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, RuntimeError::Incompatible { .. }), "{err}");
     assert!(err.to_string().contains("attention_mask"), "{err}");
-    let err = CausalLm::load(Path::new("/nonexistent/model"), &ModelOptions::default()).unwrap_err();
+    let err =
+        CausalLm::load(Path::new("/nonexistent/model"), &ModelOptions::default()).unwrap_err();
     assert!(matches!(err, RuntimeError::ModelMissing(_)), "{err}");
 }
 
@@ -221,7 +268,10 @@ fn bad_calls_are_errors_not_panics() {
     let mut seq = lm.sequence().unwrap();
     assert!(lm.extend(&mut seq, &[]).is_err());
     assert!(lm.extend(&mut seq, &[u32::MAX]).is_err());
-    assert!(seq.is_empty(), "a failed call leaves the sequence unchanged");
+    assert!(
+        seq.is_empty(),
+        "a failed call leaves the sequence unchanged"
+    );
     let ctx = lm.info().context_len.unwrap();
     assert!(lm.extend(&mut seq, &vec![1; ctx + 1]).is_err());
     assert!(seq.fork(0).is_err());

@@ -31,7 +31,9 @@ impl KvCache {
             .map(|_| -> Result<DynValue, RuntimeError> {
                 Ok(match info.kv_dtype {
                     KvDType::F32 => Tensor::from_array((shape, Vec::<f32>::new()))?.into_dyn(),
-                    KvDType::F16 => Tensor::from_array((shape, Vec::<half::f16>::new()))?.into_dyn(),
+                    KvDType::F16 => {
+                        Tensor::from_array((shape, Vec::<half::f16>::new()))?.into_dyn()
+                    }
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -72,7 +74,10 @@ impl KvCache {
     /// Row `row`, first `n` positions, as a cache of batch 1.
     fn select(&self, row: usize, n: usize) -> Result<Self, RuntimeError> {
         if row >= self.batch {
-            return Err(RuntimeError::Invalid(format!("no branch {row} among {}", self.batch)));
+            return Err(RuntimeError::Invalid(format!(
+                "no branch {row} among {}",
+                self.batch
+            )));
         }
         let n = n.min(self.len);
         Ok(Self {
@@ -134,7 +139,10 @@ pub struct Sequence {
 
 impl Sequence {
     pub(crate) fn new(kv: KvCache) -> Self {
-        Self { tokens: Vec::new(), kv }
+        Self {
+            tokens: Vec::new(),
+            kv,
+        }
     }
 
     /// Tokens in the context.
@@ -160,7 +168,9 @@ impl Sequence {
     /// Forks `k >= 1` branches that all start from this context.
     pub fn fork(&self, k: usize) -> Result<Branches, RuntimeError> {
         if k == 0 {
-            return Err(RuntimeError::Invalid("fork needs at least one branch".into()));
+            return Err(RuntimeError::Invalid(
+                "fork needs at least one branch".into(),
+            ));
         }
         Ok(Branches {
             base: self.tokens.clone(),
@@ -204,7 +214,10 @@ impl Branches {
     /// Keeps branch `j` with its first `n` own tokens; drops the others.
     pub fn keep(self, j: usize, n: usize) -> Result<Sequence, RuntimeError> {
         let Some(row) = self.rows.get(j) else {
-            return Err(RuntimeError::Invalid(format!("no branch {j} among {}", self.rows.len())));
+            return Err(RuntimeError::Invalid(format!(
+                "no branch {j} among {}",
+                self.rows.len()
+            )));
         };
         let n = n.min(row.len());
         let mut tokens = self.base;

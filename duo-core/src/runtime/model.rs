@@ -130,7 +130,9 @@ pub struct CausalLm {
 
 impl std::fmt::Debug for CausalLm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CausalLm").field("info", &self.info).finish()
+        f.debug_struct("CausalLm")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -164,7 +166,8 @@ impl CausalLm {
         let config = read_config(&file);
         let env = super::env::init(opts.ort_lib.as_deref())?;
         let threads = opts.intra_threads.max(1);
-        let builder_err = |e: ort::Error<ort::session::builder::SessionBuilder>| RuntimeError::Ort(e.to_string());
+        let builder_err =
+            |e: ort::Error<ort::session::builder::SessionBuilder>| RuntimeError::Ort(e.to_string());
         let mut builder = Session::builder(&env)?
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(builder_err)?
@@ -186,7 +189,8 @@ impl CausalLm {
             },
             Device::Cpu => RuntimeError::Ort(format!("loading {}: {e}", file.display())),
         })?;
-        let (info, past_names, present_names) = discover(&session, &file, &config, provider, threads)?;
+        let (info, past_names, present_names) =
+            discover(&session, &file, &config, provider, threads)?;
         tracing::info!(
             model = %file.display(),
             provider,
@@ -219,7 +223,9 @@ impl CausalLm {
     /// the sequence is unchanged.
     pub fn extend(&mut self, seq: &mut Sequence, tokens: &[u32]) -> Result<Logits, RuntimeError> {
         if tokens.is_empty() {
-            return Err(RuntimeError::Invalid("extend needs at least one token".into()));
+            return Err(RuntimeError::Invalid(
+                "extend needs at least one token".into(),
+            ));
         }
         let past_len = seq.len();
         let (logits, present) = self.run(&seq.kv, tokens, 1, tokens.len(), past_len)?;
@@ -230,7 +236,11 @@ impl CausalLm {
 
     /// Feeds one token to every branch (`tokens[j]` to branch j) as one
     /// batched forward; returns one row of logits per branch.
-    pub fn extend_branches(&mut self, br: &mut Branches, tokens: &[u32]) -> Result<Logits, RuntimeError> {
+    pub fn extend_branches(
+        &mut self,
+        br: &mut Branches,
+        tokens: &[u32],
+    ) -> Result<Logits, RuntimeError> {
         if tokens.len() != br.count() {
             return Err(RuntimeError::Invalid(format!(
                 "extend_branches got {} tokens for {} branches",
@@ -271,15 +281,24 @@ impl CausalLm {
         }
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let total = past_len + seq;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(3 + kv.values.len());
-        inputs.push(("input_ids".into(), Tensor::from_array(([batch, seq], ids))?.into()));
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(3 + kv.values.len());
+        inputs.push((
+            "input_ids".into(),
+            Tensor::from_array(([batch, seq], ids))?.into(),
+        ));
         inputs.push((
             "attention_mask".into(),
             Tensor::from_array(([batch, total], vec![1i64; batch * total]))?.into(),
         ));
         if self.info.has_position_ids {
-            let pos: Vec<i64> = (0..batch).flat_map(|_| (past_len as i64)..(total as i64)).collect();
-            inputs.push(("position_ids".into(), Tensor::from_array(([batch, seq], pos))?.into()));
+            let pos: Vec<i64> = (0..batch)
+                .flat_map(|_| (past_len as i64)..(total as i64))
+                .collect();
+            inputs.push((
+                "position_ids".into(),
+                Tensor::from_array(([batch, seq], pos))?.into(),
+            ));
         }
         for (name, v) in self.past_names.iter().zip(&kv.values) {
             inputs.push((name.as_str().into(), v.into()));
@@ -287,13 +306,21 @@ impl CausalLm {
         let mut out = self.session.run(inputs)?;
         let logits = match out.get("logits") {
             Some(v) => extract_logits(v, self.info.vocab_size)?,
-            None => return Err(RuntimeError::Ort("model produced no `logits` output".into())),
+            None => {
+                return Err(RuntimeError::Ort(
+                    "model produced no `logits` output".into(),
+                ));
+            }
         };
         let mut present = Vec::with_capacity(self.present_names.len());
         for name in &self.present_names {
             match out.remove(name.as_str()) {
                 Some(v) => present.push(v),
-                None => return Err(RuntimeError::Ort(format!("model produced no `{name}` output"))),
+                None => {
+                    return Err(RuntimeError::Ort(format!(
+                        "model produced no `{name}` output"
+                    )));
+                }
             }
         }
         Ok((logits, present))
@@ -325,7 +352,8 @@ fn with_cuda(
 ) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
     Err(RuntimeError::Provider {
         provider: "CUDA".into(),
-        reason: "this binary was built without the `cuda` feature (rebuild with --features cuda)".into(),
+        reason: "this binary was built without the `cuda` feature (rebuild with --features cuda)"
+            .into(),
     })
 }
 
@@ -414,10 +442,17 @@ fn discover(
     let kv_dtype = match ty {
         TensorElementType::Float32 => KvDType::F32,
         TensorElementType::Float16 => KvDType::F16,
-        other => return Err(bad(format!("KV cache of type {other:?}: only float32 and float16 are supported"))),
+        other => {
+            return Err(bad(format!(
+                "KV cache of type {other:?}: only float32 and float16 are supported"
+            )));
+        }
     };
     if shape.len() != 4 {
-        return Err(bad(format!("KV cache of rank {}: expected [batch, kv_heads, past, head_dim]", shape.len())));
+        return Err(bad(format!(
+            "KV cache of rank {}: expected [batch, kv_heads, past, head_dim]",
+            shape.len()
+        )));
     }
     let cfg_head_dim = config.head_dim.or_else(|| {
         config
@@ -429,7 +464,11 @@ fn discover(
         if v > 0 {
             Ok(v as usize)
         } else {
-            fallback.ok_or_else(|| bad(format!("{what} is dynamic in the graph and config.json does not declare it")))
+            fallback.ok_or_else(|| {
+                bad(format!(
+                    "{what} is dynamic in the graph and config.json does not declare it"
+                ))
+            })
         }
     };
     let kv_heads = dim(shape[1], config.num_key_value_heads, "the KV head count")?;
@@ -450,7 +489,10 @@ fn discover(
     )?;
     let eos_token_id = match &config.eos_token_id {
         Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|v| u32::try_from(v).ok()),
-        Some(serde_json::Value::Array(a)) => a.first().and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok()),
+        Some(serde_json::Value::Array(a)) => a
+            .first()
+            .and_then(|v| v.as_u64())
+            .and_then(|v| u32::try_from(v).ok()),
         _ => None,
     };
     Ok((

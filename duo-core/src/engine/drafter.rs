@@ -1,0 +1,208 @@
+//! The proposer: the draft model's side of a generation.
+//!
+//! Holds the draft model's context and KV cache across rounds, applies the
+//! state machine's [`DraftSync`] and drafts token trees with the dynamic
+//! multi-sequence policy. Used by the in-process engine (on its own thread)
+//! and by the draft service, the same way.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::runtime::{Branches, CausalLm, RuntimeError, Sequence};
+use crate::sampling::{argmax, top_softmax};
+use crate::spec::policy::{BranchPolicy, MAX_BRANCHES};
+use crate::spec::round::DraftSync;
+
+/// One drafting request.
+#[derive(Debug, Clone)]
+pub struct DraftJob {
+    pub sync: DraftSync,
+    /// Draft budget in sequential forward steps (>= 1): a single chain gets
+    /// `gamma` tokens; `k` branches, drafted as one batch, get `gamma`
+    /// tokens each (a batched step of k rows costs about one step on the
+    /// CPU, so this is what keeps the draft's time at the budget).
+    pub gamma: usize,
+    pub policy: BranchPolicy,
+}
+
+/// The draft's answer: `branches` continue the synced context; heads are
+/// distinct; branch 0 is the draft's greedy choice.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DraftTree {
+    pub branches: Vec<Vec<u32>>,
+    /// Sequential forward calls made (a batched branch step counts once).
+    pub forward_steps: usize,
+    /// Wall time of the drafting call, sync included.
+    pub secs: f64,
+}
+
+impl DraftTree {
+    pub fn tokens(&self) -> usize {
+        self.branches.iter().map(Vec::len).sum()
+    }
+}
+
+/// Branches drafted by the last multi-branch call.
+struct Multi {
+    /// Batched cache of the branch rows (None when every branch is one token
+    /// long and nothing was fed).
+    rows: Option<Branches>,
+    /// Each branch's tokens (fed ones, then possibly one unfed last token).
+    full: Vec<Vec<u32>>,
+}
+
+/// The draft side of one generation.
+///
+/// Invariant: the draft's context is `seq.tokens() + unfed` (plus, while
+/// `multi` is set, one of the branches once adopted).
+pub struct Drafter {
+    seq: Sequence,
+    unfed: Vec<u32>,
+    multi: Option<Multi>,
+}
+
+impl Drafter {
+    /// A fresh session on `lm` (empty context).
+    pub fn new(lm: &CausalLm) -> Result<Self, RuntimeError> {
+        Ok(Self {
+            seq: lm.sequence()?,
+            unfed: Vec::new(),
+            multi: None,
+        })
+    }
+
+    /// Context length (tokens the draft believes are in the context).
+    pub fn context_len(&self) -> usize {
+        self.seq.len() + self.unfed.len()
+    }
+
+    /// Applies `sync`, then drafts up to `gamma` tokens in one or more branches.
+    pub fn draft(&mut self, lm: &mut CausalLm, job: &DraftJob) -> Result<DraftTree, RuntimeError> {
+        let start = Instant::now();
+        self.apply(&job.sync)?;
+        let mut tree = self.propose(lm, job.gamma.max(1), job.policy)?;
+        tree.secs = start.elapsed().as_secs_f64();
+        Ok(tree)
+    }
+
+    fn apply(&mut self, sync: &DraftSync) -> Result<(), RuntimeError> {
+        let multi = self.multi.take();
+        if let Some(j) = sync.adopt
+            && let Some(m) = multi
+        {
+            let Some(full) = m.full.get(j) else {
+                return Err(RuntimeError::Invalid(format!(
+                    "sync adopts branch {j} of {}",
+                    m.full.len()
+                )));
+            };
+            match m.rows {
+                Some(rows) => {
+                    let fed = rows.branch(j).len().min(full.len());
+                    self.seq = rows.keep(j, fed)?;
+                    self.unfed = full[fed..].to_vec();
+                }
+                None => self.unfed = full.clone(),
+            }
+        }
+        // (adopting the single chain of a one-branch draft is a no-op: the
+        // chain is already the end of the context.)
+        let fed = self.seq.len();
+        if sync.keep < fed {
+            self.seq.truncate(sync.keep)?;
+            self.unfed.clear();
+        } else {
+            self.unfed.truncate(sync.keep - fed);
+        }
+        self.unfed.extend_from_slice(&sync.append);
+        Ok(())
+    }
+
+    /// Feeds what is unfed and returns the logits row for the next position.
+    fn catch_up(&mut self, lm: &mut CausalLm) -> Result<Vec<f32>, RuntimeError> {
+        if self.unfed.is_empty() {
+            // Re-feed the last token to get its logits.
+            let n = self.seq.len();
+            if n == 0 {
+                return Err(RuntimeError::Invalid(
+                    "the draft has an empty context".into(),
+                ));
+            }
+            self.unfed.push(self.seq.tokens()[n - 1]);
+            self.seq.truncate(n - 1)?;
+        }
+        let logits = lm.extend(&mut self.seq, &self.unfed)?;
+        self.unfed.clear();
+        Ok(logits.last().to_vec())
+    }
+
+    fn propose(
+        &mut self,
+        lm: &mut CausalLm,
+        gamma: usize,
+        policy: BranchPolicy,
+    ) -> Result<DraftTree, RuntimeError> {
+        let q1_logits = self.catch_up(lm)?;
+        let mut steps = 1;
+        let x1 = argmax(&q1_logits);
+        if gamma == 1 && policy.cap() == 1 {
+            self.unfed.push(x1);
+            return Ok(tree(vec![vec![x1]], steps));
+        }
+        // Probe: one greedy step to learn p21.
+        let l2 = lm.extend(&mut self.seq, &[x1])?;
+        steps += 1;
+        let q1 = top_softmax(&q1_logits, MAX_BRANCHES);
+        let p21 = top_softmax(l2.last(), 1).first().map_or(1.0, |e| e.1);
+        let k = policy.branch_count(&q1, p21);
+        if k <= 1 {
+            let mut chain = vec![x1];
+            let mut next = argmax(l2.last());
+            while chain.len() < gamma {
+                chain.push(next);
+                if chain.len() == gamma {
+                    self.unfed.push(next);
+                    break;
+                }
+                let l = lm.extend(&mut self.seq, &[next])?;
+                steps += 1;
+                next = argmax(l.last());
+            }
+            return Ok(tree(vec![chain], steps));
+        }
+        // Several branches: drop the probe token, fork from the context.
+        self.seq.truncate(self.seq.len() - 1)?;
+        let heads = policy.branch_heads(&q1, k);
+        let longest = gamma;
+        let mut full: Vec<Vec<u32>> = heads.iter().map(|&h| vec![h]).collect();
+        let rows = if longest > 1 {
+            let mut rows = self.seq.fork(heads.len())?;
+            let mut toks = heads.clone();
+            for _ in 1..longest {
+                let l = lm.extend_branches(&mut rows, &toks)?;
+                steps += 1;
+                toks = (0..heads.len()).map(|j| argmax(l.row(j))).collect();
+                for (f, &t) in full.iter_mut().zip(&toks) {
+                    f.push(t);
+                }
+            }
+            Some(rows)
+        } else {
+            None
+        };
+        self.multi = Some(Multi {
+            rows,
+            full: full.clone(),
+        });
+        Ok(tree(full, steps))
+    }
+}
+
+fn tree(branches: Vec<Vec<u32>>, forward_steps: usize) -> DraftTree {
+    DraftTree {
+        branches,
+        forward_steps,
+        secs: 0.0,
+    }
+}

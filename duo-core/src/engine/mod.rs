@@ -1,0 +1,287 @@
+//! The in-process engine: the bundled (or any) draft/target pair in one
+//! process, the target on the calling thread and the draft on its own
+//! thread, each optionally pinned to its own core.
+//!
+//! The speculative loop itself is [`session::run`]; this module only
+//! provides local implementations of its two seams.
+
+pub mod drafter;
+pub mod session;
+pub mod verifier;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+pub use drafter::{DraftJob, DraftTree, Drafter};
+pub use session::{DraftSide, GenerateParams, Generation, Limits, Mode, Stats, TargetSide};
+pub use verifier::{TargetPass, Verifier};
+
+use crate::runtime::{CausalLm, Device, ModelOptions, RuntimeError};
+use crate::sampling::SamplingParams;
+use crate::spec::budget::{BudgetConfig, BudgetController};
+use crate::spec::round::RoundError;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// Errors of a generation.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request cannot be served as given; the message says what to fix.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("speculative protocol error: {0}")]
+    Protocol(#[from] RoundError),
+    /// A side (draft worker, remote service) went away.
+    #[error("{0} unavailable: {1}")]
+    Unavailable(&'static str, String),
+    /// The consumer stopped listening.
+    #[error("generation cancelled")]
+    Cancelled,
+}
+
+/// Where the models are and how to run them.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub target: PathBuf,
+    pub draft: PathBuf,
+    pub tokenizer: PathBuf,
+    pub target_threads: usize,
+    pub draft_threads: usize,
+    pub target_device: Device,
+    /// Pin the target to core 0 and the draft to core 1 (when there are two).
+    pub pin_cores: bool,
+    pub ort_lib: Option<PathBuf>,
+    pub budget: BudgetConfig,
+}
+
+impl EngineConfig {
+    /// The bundled pair under `models_dir` (`target/`, `draft/`, `tokenizer.json`).
+    pub fn bundled(models_dir: &Path) -> Self {
+        Self {
+            target: models_dir.join("target"),
+            draft: models_dir.join("draft"),
+            tokenizer: models_dir.join("tokenizer.json"),
+            target_threads: 1,
+            draft_threads: 1,
+            target_device: Device::Cpu,
+            pin_cores: false,
+            ort_lib: None,
+            budget: BudgetConfig::default(),
+        }
+    }
+}
+
+/// Draft and target models plus the shared tokenizer, in one process.
+pub struct Engine {
+    target: CausalLm,
+    draft: CausalLm,
+    tokenizer: Tokenizer,
+    budget: BudgetController,
+    limits: Limits,
+    pin_cores: bool,
+}
+
+impl Engine {
+    pub fn load(cfg: &EngineConfig) -> Result<Self, EngineError> {
+        let tokenizer = Tokenizer::from_file(&cfg.tokenizer)?;
+        let target = CausalLm::load(
+            &cfg.target,
+            &ModelOptions {
+                device: cfg.target_device,
+                intra_threads: cfg.target_threads,
+                ort_lib: cfg.ort_lib.clone(),
+            },
+        )?;
+        let draft = CausalLm::load(
+            &cfg.draft,
+            &ModelOptions {
+                device: Device::Cpu,
+                intra_threads: cfg.draft_threads,
+                ort_lib: cfg.ort_lib.clone(),
+            },
+        )?;
+        let limits = check_pair(&target, &draft, &tokenizer)?;
+        Ok(Self {
+            target,
+            draft,
+            tokenizer,
+            budget: BudgetController::new(cfg.budget),
+            limits,
+            pin_cores: cfg.pin_cores,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn target(&self) -> &CausalLm {
+        &self.target
+    }
+
+    pub fn draft(&self) -> &CausalLm {
+        &self.draft
+    }
+
+    /// The target's top-1 minus top-2 logit after `context` (how close a
+    /// call was: divergences between modes are legitimate only at near-ties).
+    pub fn target_top2_gap(&mut self, context: &[u32]) -> Result<f32, EngineError> {
+        let mut seq = self.target.sequence()?;
+        let logits = self.target.extend(&mut seq, context)?;
+        let mut row = logits.last().to_vec();
+        row.sort_unstable_by(|a, b| b.total_cmp(a));
+        Ok(row.first().copied().unwrap_or(0.0) - row.get(1).copied().unwrap_or(0.0))
+    }
+
+    /// Generates from `prompt` token ids; `sink` receives text and token ids
+    /// as they are verified (return `false` to cancel).
+    pub fn generate(
+        &mut self,
+        prompt: Vec<u32>,
+        params: &GenerateParams,
+        sink: &mut dyn FnMut(&str, &[u32]) -> bool,
+    ) -> Result<Generation, EngineError> {
+        session::validate(&prompt, params, &self.limits)?;
+        let mut target = LocalTarget {
+            verifier: Verifier::new(&self.target)?,
+            lm: &mut self.target,
+            sampling: params.sampling,
+        };
+        if self.pin_cores {
+            pin_current_thread(0);
+        }
+        if params.mode == Mode::Autoregressive {
+            return session::run(
+                &mut target,
+                None,
+                &self.tokenizer,
+                &self.limits,
+                &mut self.budget,
+                prompt,
+                params,
+                sink,
+            );
+        }
+        let drafter = Drafter::new(&self.draft)?;
+        let draft_lm = &mut self.draft;
+        let pin = self.pin_cores;
+        let (tokenizer, limits, budget) = (&self.tokenizer, &self.limits, &mut self.budget);
+        std::thread::scope(|s| {
+            let (job_tx, job_rx) = mpsc::channel::<DraftJob>();
+            let (tree_tx, tree_rx) = mpsc::channel::<Result<DraftTree, RuntimeError>>();
+            s.spawn(move || {
+                if pin {
+                    pin_current_thread(1);
+                }
+                let mut drafter = drafter;
+                for job in job_rx {
+                    if tree_tx.send(drafter.draft(draft_lm, &job)).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut draft = ThreadDraft {
+                jobs: job_tx,
+                trees: tree_rx,
+            };
+            session::run(
+                &mut target,
+                Some(&mut draft),
+                tokenizer,
+                limits,
+                budget,
+                prompt,
+                params,
+                sink,
+            )
+            // Dropping `draft` closes the job channel: the draft thread ends.
+        })
+    }
+}
+
+/// Checks that draft and target can work together.
+pub fn check_pair(
+    target: &CausalLm,
+    draft: &CausalLm,
+    tokenizer: &Tokenizer,
+) -> Result<Limits, EngineError> {
+    let (t, d) = (target.info(), draft.info());
+    if t.vocab_size != d.vocab_size {
+        return Err(EngineError::Invalid(format!(
+            "draft vocabulary ({}) differs from the target's ({}): the pair must share one tokenizer",
+            d.vocab_size, t.vocab_size
+        )));
+    }
+    if tokenizer.vocab_size() > t.vocab_size {
+        return Err(EngineError::Invalid(format!(
+            "tokenizer has {} tokens but the models only {}",
+            tokenizer.vocab_size(),
+            t.vocab_size
+        )));
+    }
+    let context_len = match (t.context_len, d.context_len) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => 2048,
+    };
+    Ok(Limits {
+        context_len,
+        vocab_size: t.vocab_size,
+        eos: t.eos_token_id.or(tokenizer.eos_id()),
+    })
+}
+
+/// Pins the calling thread to `core` (modulo the core count); best effort.
+pub fn pin_current_thread(core: usize) {
+    if let Some(ids) = core_affinity::get_core_ids()
+        && !ids.is_empty()
+    {
+        core_affinity::set_for_current(ids[core % ids.len()]);
+    }
+}
+
+/// The target on the calling thread.
+struct LocalTarget<'a> {
+    lm: &'a mut CausalLm,
+    verifier: Verifier,
+    sampling: SamplingParams,
+}
+
+impl TargetSide for LocalTarget<'_> {
+    fn pass(&mut self, keep: usize, feed: &[u32], need: usize) -> Result<TargetPass, EngineError> {
+        Ok(self
+            .verifier
+            .pass(self.lm, keep, feed, need, &self.sampling)?)
+    }
+}
+
+/// The draft on its own thread, reached by channels.
+struct ThreadDraft {
+    jobs: mpsc::Sender<DraftJob>,
+    trees: mpsc::Receiver<Result<DraftTree, RuntimeError>>,
+}
+
+impl DraftSide for ThreadDraft {
+    fn submit(&mut self, job: DraftJob) -> Result<(), EngineError> {
+        self.jobs
+            .send(job)
+            .map_err(|_| EngineError::Unavailable("draft worker", "its thread ended".into()))
+    }
+
+    fn collect(&mut self) -> Result<DraftTree, EngineError> {
+        match self.trees.recv() {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(EngineError::Unavailable(
+                "draft worker",
+                "its thread ended".into(),
+            )),
+        }
+    }
+}

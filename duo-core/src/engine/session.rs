@@ -1,0 +1,394 @@
+//! One generation's speculative loop, for all three modes, over two seams:
+//! [`TargetSide`] and [`DraftSide`]. The in-process engine implements them
+//! with local models and a draft thread; the orchestrator implements them
+//! with gRPC streams. The loop is the same, so the services run exactly the
+//! algorithm the in-process tests prove lossless.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::EngineError;
+use super::drafter::{DraftJob, DraftTree};
+use super::verifier::TargetPass;
+use crate::sampling::{SamplingParams, rng_from_seed};
+use crate::spec::budget::{BudgetController, BudgetReport};
+use crate::spec::policy::BranchPolicy;
+use crate::spec::round::Round;
+use crate::spec::stop::{FinishReason, StopConfig, Terminator};
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+
+/// Decoding mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Target only, one token per forward.
+    Autoregressive,
+    /// Classic speculative decoding: draft γ tokens, then verify; sequential.
+    Speculative,
+    /// Draft and target at the same time (DuoDecoding).
+    #[default]
+    Duodecoding,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "autoregressive" | "ar" => Ok(Mode::Autoregressive),
+            "speculative" | "sps" => Ok(Mode::Speculative),
+            "duodecoding" | "duo" => Ok(Mode::Duodecoding),
+            _ => Err(format!(
+                "unknown mode {s:?}: use duodecoding, speculative or autoregressive"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Autoregressive => "autoregressive",
+            Mode::Speculative => "speculative",
+            Mode::Duodecoding => "duodecoding",
+        })
+    }
+}
+
+/// Per-generation settings.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+    pub stop: Vec<String>,
+    pub mode: Mode,
+    /// Fixed draft budget; `None` lets the budget controller choose
+    /// (speculative mode then uses [`DEFAULT_SPS_GAMMA`]).
+    pub gamma: Option<usize>,
+    /// Most branches per round (1 disables multi-sequence drafting).
+    pub max_branches: usize,
+}
+
+/// γ for speculative mode when none is given.
+pub const DEFAULT_SPS_GAMMA: usize = 4;
+/// Largest γ a request may ask for.
+pub const MAX_GAMMA: usize = 64;
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            sampling: SamplingParams::greedy(),
+            seed: 0,
+            stop: Vec::new(),
+            mode: Mode::Duodecoding,
+            gamma: None,
+            max_branches: 4,
+        }
+    }
+}
+
+/// Per-generation statistics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub mode: Mode,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Target forward passes.
+    pub rounds: usize,
+    /// Draft tokens put to verification (tail tokens plus head slots).
+    pub drafted: usize,
+    /// Draft tokens that became output.
+    pub accepted: usize,
+    /// Committed tokens per target forward (τ).
+    pub mean_accepted: f64,
+    pub ttft_ms: f64,
+    pub total_ms: f64,
+    pub tokens_per_s: f64,
+    pub target_busy_ms: f64,
+    pub target_idle_ms: f64,
+    pub draft_busy_ms: f64,
+    pub draft_idle_ms: f64,
+    pub gamma_mean: f64,
+    /// Rounds by number of branches offered (k).
+    pub k_hist: BTreeMap<usize, usize>,
+    /// Rounds where an offered branch's head matched the drawn token.
+    pub branch_hits: usize,
+    /// ...of which the matched branch was not the draft's first choice.
+    pub alt_branch_hits: usize,
+    /// Rounds where branches were offered, the tail was fully accepted, and no head matched.
+    pub branch_misses: usize,
+    /// Rounds where a tail token was rejected.
+    pub rejections: usize,
+    pub budget: Option<BudgetReport>,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    /// Emitted token ids (EOS included when it ended the generation).
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub stats: Stats,
+}
+
+/// The target's side of a generation.
+pub trait TargetSide {
+    /// Rolls the target's cache back to `keep` tokens, feeds `feed`, and
+    /// returns the processed distributions of the last `need` positions.
+    fn pass(&mut self, keep: usize, feed: &[u32], need: usize) -> Result<TargetPass, EngineError>;
+}
+
+/// The draft's side of a generation: `submit` starts a drafting job (it may
+/// run concurrently with the caller), `collect` waits for its tree.
+pub trait DraftSide {
+    fn submit(&mut self, job: DraftJob) -> Result<(), EngineError>;
+    fn collect(&mut self) -> Result<DraftTree, EngineError>;
+}
+
+/// What the loop streams out: new text and the ids of newly emitted tokens.
+/// Returning `false` cancels the generation.
+pub type Sink<'a> = dyn FnMut(&str, &[u32]) -> bool + 'a;
+
+/// Limits the loop needs from the models.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Smallest context of the two models (tokens).
+    pub context_len: usize,
+    pub vocab_size: usize,
+    pub eos: Option<u32>,
+}
+
+/// Checks a request against the models; the message says what to fix.
+pub fn validate(
+    prompt: &[u32],
+    params: &GenerateParams,
+    limits: &Limits,
+) -> Result<(), EngineError> {
+    let bad = |m: String| Err(EngineError::Invalid(m));
+    if prompt.is_empty() {
+        return bad("the prompt is empty: give at least one token".into());
+    }
+    if params.max_new_tokens == 0 {
+        return bad("max_new_tokens must be at least 1".into());
+    }
+    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= limits.vocab_size) {
+        return bad(format!(
+            "token id {t} is outside the vocabulary (size {})",
+            limits.vocab_size
+        ));
+    }
+    if prompt.len() + params.max_new_tokens > limits.context_len {
+        return bad(format!(
+            "prompt of {} tokens plus max_new_tokens {} exceeds the model context of {} tokens: shorten the prompt or lower max_new_tokens",
+            prompt.len(),
+            params.max_new_tokens,
+            limits.context_len
+        ));
+    }
+    params
+        .sampling
+        .validate()
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    if let Some(g) = params.gamma
+        && !(1..=MAX_GAMMA).contains(&g)
+    {
+        return bad(format!("gamma must be between 1 and {MAX_GAMMA}, got {g}"));
+    }
+    if !(1..=crate::spec::policy::MAX_BRANCHES).contains(&params.max_branches) {
+        return bad(format!(
+            "max_branches must be between 1 and {}, got {}",
+            crate::spec::policy::MAX_BRANCHES,
+            params.max_branches
+        ));
+    }
+    Ok(())
+}
+
+/// Runs one generation to the end.
+///
+/// `draft` must be `Some` for the speculative modes. `budget` carries the
+/// cost estimates across generations (the caller owns it).
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    target: &mut dyn TargetSide,
+    mut draft: Option<&mut dyn DraftSide>,
+    tokenizer: &Tokenizer,
+    limits: &Limits,
+    budget: &mut BudgetController,
+    prompt: Vec<u32>,
+    params: &GenerateParams,
+    sink: &mut Sink<'_>,
+) -> Result<Generation, EngineError> {
+    validate(&prompt, params, limits)?;
+    if params.mode != Mode::Autoregressive && draft.is_none() {
+        return Err(EngineError::Invalid(format!(
+            "mode {} needs a draft model",
+            params.mode
+        )));
+    }
+    let start = Instant::now();
+    let mut stats = Stats {
+        mode: params.mode,
+        prompt_tokens: prompt.len(),
+        ..Stats::default()
+    };
+    let mut round = Round::new(prompt);
+    let mut term = Terminator::new(StopConfig {
+        max_new_tokens: params.max_new_tokens,
+        eos: limits.eos,
+        stop_sequences: params.stop.clone(),
+    });
+    let mut decoder = IncrementalDecoder::new();
+    let mut rng = rng_from_seed(params.seed);
+    let policy = BranchPolicy::new(params.max_branches);
+    let mut emitted: Vec<u32> = Vec::new();
+    let mut text = String::new();
+    let mut gamma_sum = 0usize;
+    let mut draft_rounds = 0usize;
+    let mut first_round = true;
+    let mut finish = None;
+
+    while finish.is_none() {
+        let remaining = term.remaining();
+        let room = limits.context_len.saturating_sub(round.draft_context_len());
+        let feed = round.target_feed();
+        let (pass, tree) = match (params.mode, draft.as_deref_mut()) {
+            (Mode::Autoregressive, _) | (_, None) => {
+                (target.pass(round.target_keep(), &feed, 1)?, None)
+            }
+            (Mode::Speculative, Some(d)) => {
+                let gamma = params
+                    .gamma
+                    .unwrap_or(DEFAULT_SPS_GAMMA)
+                    .min(remaining.saturating_sub(1))
+                    .min(room.saturating_sub(1));
+                if gamma == 0 {
+                    (target.pass(round.target_keep(), &feed, 1)?, None)
+                } else {
+                    d.submit(DraftJob {
+                        sync: round.draft_sync().clone(),
+                        gamma,
+                        policy: BranchPolicy::new(1),
+                    })?;
+                    let waited = Instant::now();
+                    let tree = d.collect()?;
+                    stats.target_idle_ms += waited.elapsed().as_secs_f64() * 1e3;
+                    gamma_sum += gamma;
+                    draft_rounds += 1;
+                    let mut chain = tree.branches.first().cloned().unwrap_or_default();
+                    chain.truncate(gamma);
+                    let m = chain.len();
+                    round.set_tail(chain)?;
+                    let feed = round.target_feed();
+                    let pass = target.pass(round.target_keep(), &feed, m + 1)?;
+                    stats.draft_idle_ms += pass.secs * 1e3;
+                    (
+                        pass,
+                        Some(DraftTree {
+                            branches: Vec::new(),
+                            ..tree
+                        }),
+                    )
+                }
+            }
+            (Mode::Duodecoding, Some(d)) => {
+                let tail = round.tail().len();
+                let gamma = params
+                    .gamma
+                    .unwrap_or_else(|| budget.choose_gamma(feed.len()))
+                    .min(remaining.saturating_sub(tail + 1))
+                    .min(room);
+                if gamma == 0 {
+                    (target.pass(round.target_keep(), &feed, tail + 1)?, None)
+                } else {
+                    let round_start = Instant::now();
+                    d.submit(DraftJob {
+                        sync: round.draft_sync().clone(),
+                        gamma,
+                        policy,
+                    })?;
+                    let pass = target.pass(round.target_keep(), &feed, tail + 1)?;
+                    let waited = Instant::now();
+                    let tree = d.collect()?;
+                    stats.target_idle_ms += waited.elapsed().as_secs_f64() * 1e3;
+                    stats.draft_idle_ms +=
+                        (round_start.elapsed().as_secs_f64() - tree.secs).max(0.0) * 1e3;
+                    gamma_sum += gamma;
+                    draft_rounds += 1;
+                    (pass, Some(tree))
+                }
+            }
+        };
+        stats.target_busy_ms += pass.secs * 1e3;
+        if !first_round {
+            budget.observe_target(pass.fed, pass.secs);
+        }
+        let branches: &[Vec<u32>] = match &tree {
+            Some(t) => {
+                stats.draft_busy_ms += t.secs * 1e3;
+                if t.forward_steps > 0 && !first_round {
+                    budget.observe_draft(t.tokens(), t.forward_steps, t.secs);
+                }
+                &t.branches
+            }
+            None => &[],
+        };
+        let out = round.resolve(&pass.dists, branches, &mut rng)?;
+        first_round = false;
+        stats.rounds += 1;
+        stats.drafted += out.drafted();
+        stats.accepted += out.accepted();
+        if out.branches > 0 {
+            *stats.k_hist.entry(out.branches).or_default() += 1;
+            match out.branch_hit {
+                Some(j) => {
+                    stats.branch_hits += 1;
+                    stats.alt_branch_hits += usize::from(j > 0);
+                }
+                None if !out.rejected() => stats.branch_misses += 1,
+                None => {}
+            }
+        }
+        stats.rejections += usize::from(out.rejected());
+
+        let commit = term.commit(&out.committed, |t| decoder.push(tokenizer, t))?;
+        let new = &out.committed[..commit.accepted];
+        if stats.ttft_ms == 0.0 && !new.is_empty() {
+            stats.ttft_ms = start.elapsed().as_secs_f64() * 1e3;
+        }
+        emitted.extend_from_slice(new);
+        text.push_str(&commit.text);
+        if (!commit.text.is_empty() || !new.is_empty()) && !sink(&commit.text, new) {
+            return Err(EngineError::Cancelled);
+        }
+        finish = commit.finish;
+        if finish.is_none() && term.remaining() == 0 {
+            finish = Some(FinishReason::Length);
+        }
+    }
+    let tail_text = decoder.finish(tokenizer)?;
+    let last = term.finish(&tail_text);
+    if !last.text.is_empty() {
+        text.push_str(&last.text);
+        sink(&last.text, &[]);
+    }
+    let total = start.elapsed().as_secs_f64();
+    stats.new_tokens = emitted.len();
+    stats.total_ms = total * 1e3;
+    stats.tokens_per_s = emitted.len() as f64 / total.max(1e-9);
+    stats.mean_accepted = emitted.len() as f64 / stats.rounds.max(1) as f64;
+    stats.gamma_mean = gamma_sum as f64 / draft_rounds.max(1) as f64;
+    if params.mode == Mode::Duodecoding {
+        stats.budget = Some(budget.report());
+    }
+    Ok(Generation {
+        tokens: emitted,
+        text,
+        finish_reason: last.finish.or(finish).unwrap_or(FinishReason::Length),
+        stats,
+    })
+}

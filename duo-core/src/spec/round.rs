@@ -1,0 +1,383 @@
+//! The DuoDecoding round state machine (DESIGN.md section 2), pure.
+//!
+//! State between rounds: the committed tokens `C` (prompt + verified output)
+//! and an optional *pending branch*: its head is `C`'s last token (already
+//! verified) and its `tail` is unverified. Each round:
+//!
+//! - the **target** feeds [`Round::target_feed`] — `C[target_len..]` plus
+//!   the tail (post-verify mode; with an empty tail this is pre-verify) — and
+//!   returns one distribution per fed token;
+//! - the **draft**, at the same time, applies [`Round::draft_sync`] (so its
+//!   context becomes `C + tail`) and drafts branches continuing from there.
+//!
+//! [`Round::resolve`] then verifies the tail on the target's distributions,
+//! draws the next token, picks the branch whose head equals it (that branch
+//! becomes the new pending branch) and computes what each side keeps. The
+//! same machine runs all three modes: autoregressive (no draft), speculative
+//! (the draft's chain is set as the tail *before* the target runs, via
+//! [`Round::set_tail`]) and duodecoding (draft and target concurrently).
+//!
+//! Invariants (checked in debug builds): `C` only grows; every token in `C`
+//! after the prompt was emitted by a verification rule, so no unverified
+//! draft token is ever committed; after `resolve` the target's cache must
+//! hold exactly `C.len() - 1` tokens ([`Round::target_keep`]).
+
+use serde::Serialize;
+
+use super::verify::{ChainVerdict, VerifyError, choose_branch, verify_deterministic};
+use crate::sampling::{Distribution, Rng};
+
+/// How the draft must change its state before drafting: optionally adopt
+/// branch `adopt` of its previous drafts (its context then ends with that
+/// branch), then keep the first `keep` tokens of its context, then append
+/// `append`. Afterwards its context equals `C + tail`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct DraftSync {
+    pub adopt: Option<usize>,
+    pub keep: usize,
+    pub append: Vec<u32>,
+}
+
+/// What one round did, for stats and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct RoundOutcome {
+    /// Tokens committed this round, in order (accepted tail, then the drawn token).
+    pub committed: Vec<u32>,
+    /// Length of the tail that was verified.
+    pub tail_len: usize,
+    /// Tail tokens accepted.
+    pub tail_accepted: usize,
+    /// Number of branches the draft offered for the next token.
+    pub branches: usize,
+    /// The branch whose head matched the drawn token, if any.
+    pub branch_hit: Option<usize>,
+}
+
+impl RoundOutcome {
+    /// Draft tokens put to the target this round: the tail, plus the head
+    /// slot when branches were offered.
+    pub fn drafted(&self) -> usize {
+        self.tail_len + usize::from(self.branches > 0)
+    }
+
+    /// Draft tokens that became output: accepted tail plus a matched head.
+    pub fn accepted(&self) -> usize {
+        self.tail_accepted + usize::from(self.branch_hit.is_some())
+    }
+
+    /// True when a tail token was rejected.
+    pub fn rejected(&self) -> bool {
+        self.tail_accepted < self.tail_len
+    }
+}
+
+/// Errors of the state machine: a driver broke the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoundError {
+    #[error(
+        "the target returned {got} distributions; the round fed {fed} tokens and needs at least {needed}"
+    )]
+    TooFewDistributions {
+        got: usize,
+        fed: usize,
+        needed: usize,
+    },
+    #[error("a branch is empty")]
+    EmptyBranch,
+    #[error("set_tail is only allowed on a round with no pending tail")]
+    TailAlreadySet,
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+}
+
+/// The per-generation round state.
+#[derive(Debug, Clone)]
+pub struct Round {
+    committed: Vec<u32>,
+    prompt_len: usize,
+    tail: Vec<u32>,
+    target_len: usize,
+    draft_sync: DraftSync,
+}
+
+impl Round {
+    /// A generation over `prompt` (must be non-empty; the driver validates).
+    /// Neither side has seen anything yet: the first round's target feed is
+    /// the whole prompt (prefill), and the draft is told to append it.
+    pub fn new(prompt: Vec<u32>) -> Self {
+        let draft_sync = DraftSync {
+            adopt: None,
+            keep: 0,
+            append: prompt.clone(),
+        };
+        Self {
+            prompt_len: prompt.len(),
+            committed: prompt,
+            tail: Vec::new(),
+            target_len: 0,
+            draft_sync,
+        }
+    }
+
+    /// Prompt plus verified output.
+    pub fn committed(&self) -> &[u32] {
+        &self.committed
+    }
+
+    /// Verified output only.
+    pub fn generated(&self) -> &[u32] {
+        &self.committed[self.prompt_len..]
+    }
+
+    /// The pending branch's unverified tail.
+    pub fn tail(&self) -> &[u32] {
+        &self.tail
+    }
+
+    /// Tokens the target must feed this round (never empty).
+    pub fn target_feed(&self) -> Vec<u32> {
+        let mut feed = self.committed[self.target_len..].to_vec();
+        feed.extend_from_slice(&self.tail);
+        feed
+    }
+
+    /// How many tokens the target's cache must keep after `resolve`
+    /// (everything committed but the last token, which it feeds next round).
+    pub fn target_keep(&self) -> usize {
+        self.target_len
+    }
+
+    /// What the draft must do before drafting this round.
+    pub fn draft_sync(&self) -> &DraftSync {
+        &self.draft_sync
+    }
+
+    /// The draft's context after applying [`Self::draft_sync`]: `C + tail`.
+    pub fn draft_context_len(&self) -> usize {
+        self.committed.len() + self.tail.len()
+    }
+
+    /// Speculative (sequential) mode: the draft's chain, drafted from `C`,
+    /// becomes this round's tail, to be verified by the target feed.
+    /// The draft's context now ends with the chain, which `resolve` rolls back
+    /// as needed.
+    pub fn set_tail(&mut self, chain: Vec<u32>) -> Result<(), RoundError> {
+        if !self.tail.is_empty() {
+            return Err(RoundError::TailAlreadySet);
+        }
+        self.tail = chain;
+        Ok(())
+    }
+
+    /// Verifies this round on the target's distributions for the fed tokens
+    /// (`dists[i]` follows fed token i; only the last `tail.len() + 1` are
+    /// used) and the draft's `branches` for the token after the tail (empty
+    /// in autoregressive and speculative mode). Heads must be distinct.
+    pub fn resolve(
+        &mut self,
+        dists: &[Distribution],
+        branches: &[Vec<u32>],
+        rng: &mut Rng,
+    ) -> Result<RoundOutcome, RoundError> {
+        let m = self.tail.len();
+        let fed = self.committed.len() - self.target_len + m;
+        if dists.len() < m + 1 || dists.len() > fed {
+            return Err(RoundError::TooFewDistributions {
+                got: dists.len(),
+                fed,
+                needed: m + 1,
+            });
+        }
+        if branches.iter().any(Vec::is_empty) {
+            return Err(RoundError::EmptyBranch);
+        }
+        let ChainVerdict { accepted, next } =
+            verify_deterministic(&dists[dists.len() - m - 1..], &self.tail, rng)?;
+        let old_len = self.committed.len();
+        let tail = std::mem::take(&mut self.tail);
+        let mut committed_now = tail[..accepted].to_vec();
+        committed_now.push(next);
+        self.committed.extend_from_slice(&committed_now);
+        self.target_len = self.committed.len() - 1;
+        let heads: Vec<u32> = branches.iter().map(|b| b[0]).collect();
+        let hit = if accepted == m {
+            choose_branch(&heads, next)
+        } else {
+            None
+        };
+        match hit {
+            Some(j) => {
+                self.tail = branches[j][1..].to_vec();
+                self.draft_sync = DraftSync {
+                    adopt: Some(j),
+                    keep: self.committed.len() + self.tail.len(),
+                    append: Vec::new(),
+                };
+            }
+            None => {
+                self.draft_sync = DraftSync {
+                    adopt: None,
+                    keep: old_len + accepted,
+                    append: vec![next],
+                };
+            }
+        }
+        debug_assert!(
+            self.committed.len() > old_len,
+            "committed length only grows"
+        );
+        debug_assert_eq!(
+            self.draft_context_len(),
+            self.committed.len() + self.tail.len()
+        );
+        Ok(RoundOutcome {
+            committed: committed_now,
+            tail_len: m,
+            tail_accepted: accepted,
+            branches: branches.len(),
+            branch_hit: hit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::rng_from_seed;
+
+    fn greedy(tokens: &[u32]) -> Vec<Distribution> {
+        tokens.iter().map(|&t| Distribution::point(t)).collect()
+    }
+
+    #[test]
+    fn prefill_round_commits_first_token_and_picks_matching_branch() {
+        let mut r = Round::new(vec![1, 2, 3]);
+        assert_eq!(r.target_feed(), vec![1, 2, 3]);
+        assert_eq!(r.draft_sync().append, vec![1, 2, 3]);
+        // Target's distributions for the 3 fed tokens; the last says 10.
+        let d = greedy(&[9, 9, 10]);
+        let out = r
+            .resolve(&d, &[vec![11, 12], vec![10, 20, 21]], &mut rng_from_seed(0))
+            .unwrap();
+        assert_eq!(out.committed, vec![10]);
+        assert_eq!(out.branch_hit, Some(1));
+        assert_eq!(r.committed(), &[1, 2, 3, 10]);
+        assert_eq!(r.tail(), &[20, 21]);
+        assert_eq!(r.target_keep(), 3);
+        assert_eq!(r.target_feed(), vec![10, 20, 21]); // post-verify
+        assert_eq!(
+            r.draft_sync(),
+            &DraftSync {
+                adopt: Some(1),
+                keep: 6,
+                append: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn all_accepted_then_branch_miss_goes_pre_verify() {
+        let mut r = Round::new(vec![1]);
+        r.resolve(&greedy(&[5]), &[vec![5, 6, 7]], &mut rng_from_seed(0))
+            .unwrap();
+        assert_eq!(r.target_feed(), vec![5, 6, 7]);
+        // Target agrees with 6 and 7, then draws 8; the new branches start with 30/31.
+        let out = r
+            .resolve(
+                &greedy(&[6, 7, 8]),
+                &[vec![30, 1], vec![31]],
+                &mut rng_from_seed(0),
+            )
+            .unwrap();
+        assert_eq!(out.committed, vec![6, 7, 8]);
+        assert_eq!(
+            (out.tail_len, out.tail_accepted, out.branch_hit),
+            (2, 2, None)
+        );
+        assert_eq!(out.drafted(), 3);
+        assert_eq!(out.accepted(), 2);
+        assert!(r.tail().is_empty());
+        assert_eq!(r.committed(), &[1, 5, 6, 7, 8]);
+        assert_eq!(r.target_keep(), 4);
+        assert_eq!(r.target_feed(), vec![8]);
+        // Draft context was C_old + tail = [1,5,6,7]: keep all, append 8.
+        assert_eq!(
+            r.draft_sync(),
+            &DraftSync {
+                adopt: None,
+                keep: 4,
+                append: vec![8]
+            }
+        );
+    }
+
+    #[test]
+    fn rejection_at_each_position_rolls_back_both_sides() {
+        for reject_at in 0..3 {
+            let mut r = Round::new(vec![1]);
+            r.resolve(&greedy(&[5]), &[vec![5, 6, 7, 8]], &mut rng_from_seed(0))
+                .unwrap();
+            assert_eq!(r.tail(), &[6, 7, 8]);
+            let mut target_says = vec![6, 7, 8, 9];
+            target_says[reject_at] = 99;
+            let out = r
+                .resolve(
+                    &greedy(&target_says),
+                    &[vec![40], vec![41]],
+                    &mut rng_from_seed(0),
+                )
+                .unwrap();
+            assert_eq!(out.tail_accepted, reject_at);
+            assert!(out.rejected());
+            assert_eq!(out.branch_hit, None, "branches assumed the whole tail");
+            let mut want = vec![6, 7, 8][..reject_at].to_vec();
+            want.push(99);
+            assert_eq!(out.committed, want);
+            assert_eq!(r.target_keep(), 2 + reject_at);
+            assert_eq!(r.target_feed(), vec![99]);
+            assert_eq!(
+                r.draft_sync(),
+                &DraftSync {
+                    adopt: None,
+                    keep: 2 + reject_at,
+                    append: vec![99]
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn speculative_mode_sets_chain_as_tail() {
+        let mut r = Round::new(vec![1, 2]);
+        r.resolve(&greedy(&[0, 3]), &[], &mut rng_from_seed(0))
+            .unwrap(); // prefill, AR-style
+        assert_eq!(r.committed(), &[1, 2, 3]);
+        r.set_tail(vec![4, 5, 6]).unwrap();
+        assert!(r.set_tail(vec![1]).is_err());
+        assert_eq!(r.target_feed(), vec![3, 4, 5, 6]);
+        let out = r
+            .resolve(&greedy(&[4, 5, 6, 7]), &[], &mut rng_from_seed(0))
+            .unwrap();
+        assert_eq!(out.committed, vec![4, 5, 6, 7]);
+        assert_eq!(r.target_keep(), 6);
+        assert_eq!(r.draft_sync().keep, 6);
+    }
+
+    #[test]
+    fn protocol_errors_are_reported() {
+        let mut r = Round::new(vec![1]);
+        r.resolve(&greedy(&[5]), &[vec![5, 6, 7]], &mut rng_from_seed(0))
+            .unwrap();
+        assert!(matches!(
+            r.resolve(&greedy(&[6]), &[], &mut rng_from_seed(0)),
+            Err(RoundError::TooFewDistributions { .. })
+        ));
+        assert_eq!(
+            r.resolve(&greedy(&[6, 7, 8]), &[vec![]], &mut rng_from_seed(0)),
+            Err(RoundError::EmptyBranch)
+        );
+        // A failed resolve changed nothing.
+        assert_eq!(r.tail(), &[6, 7]);
+        assert_eq!(r.committed(), &[1, 5]);
+    }
+}

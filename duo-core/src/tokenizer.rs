@@ -1,0 +1,537 @@
+//! `tokenizer.json` loading, encoding/decoding, a vocabulary fingerprint, and
+//! streaming detokenization.
+//!
+//! [`Tokenizer`] wraps a Hugging Face [`tokenizers::Tokenizer`] loaded from a
+//! `tokenizer.json` file. [`IncrementalDecoder`] turns a stream of token ids
+//! into text chunks that never split a UTF-8 character or a multi-token glyph.
+
+use std::path::{Path, PathBuf};
+
+/// Names under which tokenizers commonly store their end-of-text token, in
+/// the order [`Tokenizer::eos_id`] tries them.
+const EOS_CANDIDATES: [&str; 4] = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"];
+
+/// Errors from loading a tokenizer or converting between text and ids.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// The tokenizer file does not exist.
+    #[error(
+        "tokenizer file {} not found: run `python models/make.py` to create the bundled \
+         models/tokenizer.json, or pass the path of an existing tokenizer.json",
+        path.display()
+    )]
+    NotFound {
+        /// The path that was tried.
+        path: PathBuf,
+    },
+    /// The tokenizer file exists but could not be read.
+    #[error("cannot read tokenizer file {}: {source}; check its permissions", path.display())]
+    Read {
+        /// The path that was tried.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The file was read but is not a valid Hugging Face `tokenizer.json`.
+    #[error(
+        "cannot parse tokenizer file {}: {message}; it must be a Hugging Face tokenizer.json \
+         (regenerate the bundled one with `python models/make.py`)",
+        path.display()
+    )]
+    Parse {
+        /// The path that was tried.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// The tokenizer failed to encode the text.
+    #[error("cannot encode text: {0}")]
+    Encode(String),
+    /// The tokenizer failed to decode the ids.
+    #[error("cannot decode token ids: {0}")]
+    Decode(String),
+    /// An id has no token in this tokenizer's vocabulary.
+    #[error(
+        "token id {id} is not in the tokenizer's vocabulary ({vocab_size} tokens): the model and \
+         the tokenizer do not match; load the tokenizer.json that was built with the model"
+    )]
+    UnknownId {
+        /// The offending id.
+        id: u32,
+        /// The tokenizer's vocabulary size, added tokens included.
+        vocab_size: usize,
+    },
+}
+
+/// A loaded `tokenizer.json`.
+///
+/// Invariant: the wrapped tokenizer was parsed successfully; every method is
+/// a pure function of the file's contents (no hidden state), so two
+/// `Tokenizer`s loaded from the same file behave identically.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    /// Loads a Hugging Face `tokenizer.json` from `path`.
+    ///
+    /// Errors: [`TokenizerError::NotFound`] when the file does not exist
+    /// (naming the path and how to create it), [`TokenizerError::Read`] on
+    /// other I/O failures, [`TokenizerError::Parse`] when the contents are not
+    /// a valid tokenizer.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                TokenizerError::NotFound {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                TokenizerError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Ok(Self { inner })
+    }
+
+    /// Encodes `text` into token ids without adding any special tokens (no
+    /// BOS/EOS, no post-processor template tokens).
+    ///
+    /// For the byte-level BPE tokenizers this crate targets,
+    /// `decode(&encode(text)?)? == text` for every `text`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Decodes `ids` into text.
+    ///
+    /// Special tokens are NOT skipped: `<|endoftext|>` decodes to the literal
+    /// text `<|endoftext|>`. Callers that must not show it (such as the stop
+    /// logic in [`crate::spec::stop`]) keep the EOS id out of what they decode.
+    /// Byte sequences that are not valid UTF-8 (e.g. a multi-byte character
+    /// cut short) decode to U+FFFD replacement characters.
+    ///
+    /// Errors: [`TokenizerError::UnknownId`] when an id has no token (instead
+    /// of silently dropping it, as the underlying library would).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        if let Some(&id) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            return Err(TokenizerError::UnknownId {
+                id,
+                vocab_size: self.vocab_size(),
+            });
+        }
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
+    }
+
+    /// The number of tokens in the vocabulary, added tokens (such as
+    /// `<|endoftext|>`) included and counted once.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of the token spelled exactly `token` (in the tokenizer's own
+    /// spelling, e.g. `Ġthe` for " the" in byte-level BPE), if it exists.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The end-of-text id: the first of `<|endoftext|>`, `</s>`,
+    /// `<|end_of_text|>`, `<eos>` that is in the vocabulary, or `None`.
+    pub fn eos_id(&self) -> Option<u32> {
+        EOS_CANDIDATES.iter().find_map(|t| self.token_id(t))
+    }
+
+    /// A stable 16-hex-digit FNV-1a 64-bit digest of the vocabulary (every
+    /// `token -> id` pair, added tokens included, sorted by id then token).
+    ///
+    /// Two services compare fingerprints to check they share one vocabulary.
+    /// Invariants: it depends only on the vocabulary, not on load order, the
+    /// process or the platform; it does not cover merges, normalizer or
+    /// pre-tokenizer settings.
+    pub fn fingerprint(&self) -> String {
+        let mut pairs: Vec<(u32, String)> = self
+            .inner
+            .get_vocab(true)
+            .into_iter()
+            .map(|(token, id)| (id, token))
+            .collect();
+        pairs.sort_unstable();
+        let mut hash = Fnv1a64::new();
+        for (id, token) in &pairs {
+            hash.write(&id.to_le_bytes());
+            // The length makes the encoding unambiguous ("ab"+"c" vs "a"+"bc").
+            hash.write(&(token.len() as u64).to_le_bytes());
+            hash.write(token.as_bytes());
+        }
+        format!("{:016x}", hash.0)
+    }
+}
+
+/// FNV-1a, 64-bit (http://www.isthe.com/chongo/tech/comp/fnv/).
+struct Fnv1a64(u64);
+
+impl Fnv1a64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    fn new() -> Self {
+        Self(Self::OFFSET_BASIS)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(Self::PRIME);
+        }
+    }
+}
+
+/// Streaming detokenizer: feed it token ids one at a time, get back text
+/// chunks as soon as they are complete.
+///
+/// Uses the prefix-offset / read-offset technique of Hugging Face
+/// text-generation-inference: `tokens[prefix_offset..read_offset]` is context
+/// that was already emitted, `tokens[read_offset..]` is pending. Each push
+/// decodes the context alone and context + pending, and emits the difference
+/// only when it does not end with U+FFFD (an incomplete UTF-8 sequence).
+///
+/// Invariants:
+/// - no chunk returned by [`push`](Self::push) ends inside a UTF-8 character
+///   or a multi-token glyph;
+/// - the concatenation of all chunks from `push` and [`finish`](Self::finish)
+///   equals `tokenizer.decode(all pushed tokens)` whenever that decode
+///   contains no U+FFFD (and for byte-level BPE, always);
+/// - `prefix_offset <= read_offset <= tokens.len()`.
+#[derive(Debug, Clone, Default)]
+pub struct IncrementalDecoder {
+    tokens: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    /// An empty decoder (no tokens pushed yet).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// All tokens pushed so far, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Appends `token` and returns the text it completes: possibly empty
+    /// (e.g. the first bytes of a multi-byte character), possibly covering
+    /// earlier tokens that were held back.
+    ///
+    /// Errors: [`TokenizerError::UnknownId`] when `token` is not in the
+    /// vocabulary; the token is then not recorded.
+    pub fn push(&mut self, tok: &Tokenizer, token: u32) -> Result<String, TokenizerError> {
+        self.tokens.push(token);
+        let result = self.emit(tok, false);
+        if result.is_err() {
+            self.tokens.pop();
+        }
+        result
+    }
+
+    /// Returns the text still held back (e.g. an incomplete UTF-8 sequence at
+    /// the end, decoded with U+FFFD replacement characters). After it the
+    /// decoder holds nothing back; further pushes continue the stream.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String, TokenizerError> {
+        self.emit(tok, true)
+    }
+
+    /// Emits the text of `tokens[read_offset..]`, unless it is incomplete
+    /// and `force` is false.
+    fn emit(&mut self, tok: &Tokenizer, force: bool) -> Result<String, TokenizerError> {
+        // `get` never fails given the offsets invariant; it just avoids panics.
+        let window = self.tokens.get(self.prefix_offset..).unwrap_or_default();
+        let read = self.read_offset.saturating_sub(self.prefix_offset);
+        let prefix_text = tok.decode(window.get(..read).unwrap_or_default())?;
+        let new_text = tok.decode(window)?;
+        let complete = new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}');
+        if !(complete || force) {
+            return Ok(String::new());
+        }
+        // For byte-level decoders the context's text is a prefix of the
+        // longer decode; otherwise fall back to cutting at its length.
+        let chunk = new_text
+            .strip_prefix(prefix_text.as_str())
+            .or_else(|| new_text.get(prefix_text.len()..))
+            .unwrap_or("")
+            .to_string();
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.tokens.len();
+        Ok(chunk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tokenizer.json");
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/fixtures");
+
+    fn load() -> Tokenizer {
+        match Tokenizer::from_file(TOKENIZER) {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Streams `ids` one token at a time; returns the chunks (finish last).
+    fn stream(tok: &Tokenizer, ids: &[u32]) -> anyhow::Result<Vec<String>> {
+        let mut dec = IncrementalDecoder::new();
+        let mut chunks = Vec::new();
+        for &id in ids {
+            chunks.push(dec.push(tok, id)?);
+        }
+        chunks.push(dec.finish(tok)?);
+        Ok(chunks)
+    }
+
+    #[test]
+    fn round_trip_ascii_and_non_ascii() -> anyhow::Result<()> {
+        let tok = load();
+        for text in [
+            "To be, or not to be: that is the question.",
+            "  leading spaces, tabs\tand\nnewlines\n\n",
+            "café – naïve — 東京 🙂",
+            "",
+        ] {
+            let ids = tok.encode(text)?;
+            assert_eq!(tok.decode(&ids)?, text, "ids {ids:?}");
+        }
+        Ok(())
+    }
+
+    /// Reference ids from the Python `tokenizers` package (0.23.3) on the
+    /// bundled tokenizer.json: `Tokenizer.from_file(p).encode(s,
+    /// add_special_tokens=False).ids`. Regenerate them if the file changes.
+    #[test]
+    fn ids_match_python_tokenizers() -> anyhow::Result<()> {
+        let tok = load();
+        assert_eq!(
+            tok.encode("To be, or not to be: that is the question.")?,
+            [
+                409, 305, 12, 530, 324, 290, 305, 26, 330, 326, 268, 653, 1942, 14
+            ]
+        );
+        assert_eq!(
+            tok.encode("café – naïve — 東京 🙂")?,
+            [
+                67, 65, 70, 128, 103, 221, 159, 223, 242, 284, 65, 128, 108, 298, 221, 159, 223,
+                243, 221, 163, 252, 110, 161, 119, 106, 221, 173, 254, 248, 225
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn vocabulary_and_special_tokens() -> anyhow::Result<()> {
+        let tok = load();
+        assert_eq!(tok.vocab_size(), 2048);
+        let eos = tok.eos_id();
+        assert!(eos.is_some());
+        assert_eq!(eos, tok.token_id("<|endoftext|>"));
+        assert_eq!(tok.token_id("no such token, surely"), None);
+        // No special tokens are added, and the special token is recognised.
+        let ids = tok.encode("hello")?;
+        assert!(!ids.iter().any(|&i| Some(i) == eos));
+        assert_eq!(
+            tok.encode("<|endoftext|>")?,
+            eos.into_iter().collect::<Vec<_>>()
+        );
+        // Special tokens are not skipped when decoding.
+        let mut with_eos = ids.clone();
+        with_eos.extend(eos);
+        assert_eq!(tok.decode(&with_eos)?, "hello<|endoftext|>");
+        Ok(())
+    }
+
+    #[test]
+    fn fingerprint_is_stable_hex() {
+        let a = load().fingerprint();
+        assert_eq!(a.len(), 16);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a, load().fingerprint());
+    }
+
+    #[test]
+    fn fnv1a64_reference_values() {
+        let hash = |s: &str| {
+            let mut h = Fnv1a64::new();
+            h.write(s.as_bytes());
+            h.0
+        };
+        assert_eq!(hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(hash("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(hash("foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn missing_file_error_names_path_and_fix() {
+        let err = match Tokenizer::from_file("/nonexistent/dir/tokenizer.json") {
+            Ok(_) => panic!("loading a missing file succeeded"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, TokenizerError::NotFound { .. }));
+        let msg = err.to_string();
+        assert!(msg.contains("/nonexistent/dir/tokenizer.json"), "{msg}");
+        assert!(msg.contains("python models/make.py"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_file_is_a_parse_error() -> anyhow::Result<()> {
+        let path =
+            std::env::temp_dir().join(format!("duo-bad-tokenizer-{}.json", std::process::id()));
+        std::fs::write(&path, "{ not json")?;
+        let result = Tokenizer::from_file(&path);
+        std::fs::remove_file(&path)?;
+        assert!(matches!(result, Err(TokenizerError::Parse { .. })));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_id_is_an_error() {
+        let tok = load();
+        assert!(matches!(
+            tok.decode(&[1, 999_999]),
+            Err(TokenizerError::UnknownId { id: 999_999, .. })
+        ));
+        let mut dec = IncrementalDecoder::new();
+        assert!(dec.push(&tok, 999_999).is_err());
+        assert!(dec.tokens().is_empty());
+    }
+
+    #[test]
+    fn streaming_never_splits_characters() -> anyhow::Result<()> {
+        let tok = load();
+        // The emoji's 4 UTF-8 bytes must span several tokens for this test to
+        // mean anything.
+        assert!(tok.encode("🙂")?.len() > 1);
+        for text in [
+            "café – naïve — 東京 🙂",
+            "🙂🙂 and 👩‍👩‍👧 families, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢!",
+            "Now is the winter of our discontent\nMade glorious summer.",
+        ] {
+            let ids = tok.encode(text)?;
+            let chunks = stream(&tok, &ids)?;
+            for c in &chunks {
+                assert!(!c.contains('\u{FFFD}'), "chunk {c:?} of {text:?}");
+            }
+            assert_eq!(chunks.concat(), tok.decode(&ids)?);
+            assert_eq!(chunks.concat(), text);
+            assert_eq!(chunks.last().map(String::as_str), Some(""));
+            if !text.is_ascii() {
+                // Some token completed no character: its text was held back.
+                assert!(chunks.iter().rev().skip(1).any(String::is_empty));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn streaming_releases_incomplete_tail_at_finish() -> anyhow::Result<()> {
+        let tok = load();
+        let ids = tok.encode("ok 🙂")?;
+        let cut = &ids[..ids.len() - 1];
+        let chunks = stream(&tok, cut)?;
+        let full = tok.decode(cut)?;
+        assert!(full.ends_with('\u{FFFD}'));
+        assert_eq!(chunks.concat(), full);
+        // Only the last chunk (from finish) carries replacement characters.
+        let (last, rest) = chunks.split_last().ok_or(anyhow::anyhow!("no chunks"))?;
+        assert!(last.contains('\u{FFFD}'));
+        assert!(rest.iter().all(|c| !c.contains('\u{FFFD}')));
+        Ok(())
+    }
+
+    #[test]
+    fn streaming_continues_after_finish() -> anyhow::Result<()> {
+        let tok = load();
+        let ids = tok.encode("good morrow, 🙂 friend")?;
+        let mut dec = IncrementalDecoder::new();
+        let mut out = String::new();
+        for (i, &id) in ids.iter().enumerate() {
+            out += &dec.push(&tok, id)?;
+            if i == 2 {
+                out += &dec.finish(&tok)?;
+            }
+        }
+        out += &dec.finish(&tok)?;
+        assert_eq!(out, "good morrow, 🙂 friend");
+        assert_eq!(dec.finish(&tok)?, "");
+        Ok(())
+    }
+
+    /// Collects `(text, ids)` pairs from every JSON object holding a string
+    /// `prompt` (or `text`) and an integer array `ids`, as in the `greedy`
+    /// cases of models/fixtures/{draft,target}.json.
+    fn collect_cases(v: &serde_json::Value, out: &mut Vec<(String, Vec<u32>)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                let text = map.get("prompt").or_else(|| map.get("text"));
+                let ids = map.get("ids").and_then(|ids| {
+                    ids.as_array()?
+                        .iter()
+                        .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                        .collect::<Option<Vec<u32>>>()
+                });
+                if let (Some(serde_json::Value::String(text)), Some(ids)) = (text, ids) {
+                    out.push((text.clone(), ids));
+                }
+                map.values().for_each(|x| collect_cases(x, out));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|x| collect_cases(x, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn ids_match_fixtures_when_present() -> anyhow::Result<()> {
+        let Ok(dir) = std::fs::read_dir(FIXTURES) else {
+            eprintln!("no {FIXTURES}: skipping the fixture comparison");
+            return Ok(());
+        };
+        let tok = load();
+        let mut cases = Vec::new();
+        let mut files = 0;
+        for entry in dir {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+                files += 1;
+                collect_cases(&value, &mut cases);
+            }
+        }
+        eprintln!("{} fixture cases", cases.len());
+        if files > 0 {
+            assert!(
+                !cases.is_empty(),
+                "no prompt/ids pairs in {FIXTURES}/*.json"
+            );
+        }
+        for (text, ids) in cases {
+            assert_eq!(tok.encode(&text)?, ids, "text {text:?}");
+            assert_eq!(tok.decode(&ids)?, text);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,412 @@
+//! `duo bench`: the three modes on the same prompts, in one process, greedy.
+//! The last line of output is one JSON object (see the README).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use duo_core::engine::{Engine, GenerateParams, Generation, Mode};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// JSON-lines prompt files (prompt in `turns[0]`); default: the bundled Spec-Bench files.
+    #[arg(long)]
+    prompts: Vec<PathBuf>,
+    /// Prompts taken from each category (file order).
+    #[arg(long, default_value_t = 6)]
+    per_category: usize,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// γ for speculative mode.
+    #[arg(long, default_value_t = duo_core::engine::session::DEFAULT_SPS_GAMMA)]
+    sps_gamma: usize,
+    /// Fixed γ for duodecoding (default: the budget controller decides).
+    #[arg(long)]
+    duo_gamma: Option<usize>,
+    #[arg(long, default_value_t = 4)]
+    max_branches: usize,
+    /// Skip the 2-thread autoregressive reference.
+    #[arg(long)]
+    no_ar2: bool,
+    /// Write the full results (JSON) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write a bar chart (SVG) here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+struct Prompt {
+    category: String,
+    ids: Vec<u32>,
+    cut: bool,
+}
+
+#[derive(Default, Serialize, Clone)]
+struct ModeTotals {
+    tokens: usize,
+    total_ms: f64,
+    ttft_ms_sum: f64,
+    rounds: usize,
+    drafted: usize,
+    accepted: usize,
+    target_busy_ms: f64,
+    target_idle_ms: f64,
+    draft_busy_ms: f64,
+    draft_idle_ms: f64,
+    gamma_sum: f64,
+    runs: usize,
+    k_rounds: std::collections::BTreeMap<usize, usize>,
+}
+
+impl ModeTotals {
+    fn add(&mut self, g: &Generation) {
+        let s = &g.stats;
+        self.tokens += s.new_tokens;
+        self.total_ms += s.total_ms;
+        self.ttft_ms_sum += s.ttft_ms;
+        self.rounds += s.rounds;
+        self.drafted += s.drafted;
+        self.accepted += s.accepted;
+        self.target_busy_ms += s.target_busy_ms;
+        self.target_idle_ms += s.target_idle_ms;
+        self.draft_busy_ms += s.draft_busy_ms;
+        self.draft_idle_ms += s.draft_idle_ms;
+        self.gamma_sum += s.gamma_mean;
+        self.runs += 1;
+        for (k, n) in &s.k_hist {
+            *self.k_rounds.entry(*k).or_default() += n;
+        }
+    }
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / (self.total_ms / 1e3).max(1e-9)
+    }
+    fn ttft_ms(&self) -> f64 {
+        self.ttft_ms_sum / self.runs.max(1) as f64
+    }
+    fn mean_accepted(&self) -> f64 {
+        self.tokens as f64 / self.rounds.max(1) as f64
+    }
+    fn summary(&self) -> serde_json::Value {
+        json!({
+            "tokens_per_s": self.tokens_per_s(),
+            "ttft_ms": self.ttft_ms(),
+            "mean_accepted": self.mean_accepted(),
+            "tokens": self.tokens,
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": self.accepted as f64 / self.drafted.max(1) as f64,
+            "target_idle_fraction": self.target_idle_ms / self.total_ms.max(1e-9),
+            "draft_idle_fraction": self.draft_idle_ms / self.total_ms.max(1e-9),
+            "target_ms_per_round": self.target_busy_ms / self.rounds.max(1) as f64,
+            "draft_ms_per_round": self.draft_busy_ms / self.rounds.max(1) as f64,
+            "gamma_mean": self.gamma_sum / self.runs.max(1) as f64,
+            "k_rounds": self.k_rounds,
+        })
+    }
+}
+
+fn load_prompts(args: &BenchArgs, engine: &Engine) -> anyhow::Result<Vec<Prompt>> {
+    let files: Vec<PathBuf> = if args.prompts.is_empty() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/spec-bench");
+        let mut f: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        f.sort();
+        f
+    } else {
+        args.prompts.clone()
+    };
+    let budget = engine
+        .limits()
+        .context_len
+        .saturating_sub(args.max_new_tokens);
+    if budget == 0 {
+        bail!(
+            "max_new_tokens {} leaves no room for a prompt in the context",
+            args.max_new_tokens
+        );
+    }
+    let mut out = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let mut taken = std::collections::HashMap::<String, usize>::new();
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not JSON", file.display(), n + 1))?;
+            let Some(prompt) = v["turns"][0].as_str() else {
+                bail!("{}:{}: no turns[0] string", file.display(), n + 1);
+            };
+            let category = v["category"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    file.file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                });
+            let count = taken.entry(category.clone()).or_default();
+            if *count >= args.per_category {
+                continue;
+            }
+            *count += 1;
+            let mut ids = engine.tokenizer().encode(prompt)?;
+            let cut = ids.len() > budget;
+            if cut {
+                ids.drain(..ids.len() - budget);
+            }
+            if !ids.is_empty() {
+                out.push(Prompt { category, ids, cut });
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("no prompts found");
+    }
+    Ok(out)
+}
+
+fn params(args: &BenchArgs, mode: Mode) -> GenerateParams {
+    GenerateParams {
+        max_new_tokens: args.max_new_tokens,
+        mode,
+        gamma: match mode {
+            Mode::Speculative => Some(args.sps_gamma),
+            Mode::Duodecoding => args.duo_gamma,
+            Mode::Autoregressive => None,
+        },
+        max_branches: args.max_branches,
+        ..GenerateParams::default()
+    }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let cfg = args.models.config();
+    // The 2-thread reference runs first, before any thread is pinned to a core.
+    let mut ar2 = ModeTotals::default();
+    let mut engine = Engine::load(&cfg).context("loading the models")?;
+    let prompts = load_prompts(&args, &engine)?;
+    let cut = prompts.iter().filter(|p| p.cut).count();
+    eprintln!(
+        "{} prompts ({} cut from the left to fit the {}-token context with {} new tokens)",
+        prompts.len(),
+        cut,
+        engine.limits().context_len,
+        args.max_new_tokens
+    );
+    if !args.no_ar2 {
+        let mut cfg2 = cfg.clone();
+        cfg2.target_threads = 2;
+        cfg2.pin_cores = false;
+        let mut e2 = Engine::load(&cfg2)?;
+        let p = params(&args, Mode::Autoregressive);
+        e2.generate(prompts[0].ids.clone(), &p, &mut |_, _| true)?;
+        for pr in &prompts {
+            ar2.add(&e2.generate(pr.ids.clone(), &p, &mut |_, _| true)?);
+        }
+        eprintln!(
+            "autoregressive, target on 2 threads: {:.1} tok/s",
+            ar2.tokens_per_s()
+        );
+    }
+    let modes = [Mode::Autoregressive, Mode::Speculative, Mode::Duodecoding];
+    // Warm-up (also warms the budget controller's estimates).
+    for m in modes {
+        engine.generate(prompts[0].ids.clone(), &params(&args, m), &mut |_, _| true)?;
+    }
+    let mut totals: Vec<ModeTotals> = vec![ModeTotals::default(); 3];
+    let mut per_category: std::collections::BTreeMap<String, Vec<ModeTotals>> = Default::default();
+    let (mut divergences, mut near_ties) = (0usize, 0usize);
+    let mut divergence_notes = Vec::new();
+    for (i, pr) in prompts.iter().enumerate() {
+        let mut outs: Vec<Generation> = Vec::new();
+        for (mi, m) in modes.iter().enumerate() {
+            let g = engine.generate(pr.ids.clone(), &params(&args, *m), &mut |_, _| true)?;
+            totals[mi].add(&g);
+            per_category
+                .entry(pr.category.clone())
+                .or_insert_with(|| vec![ModeTotals::default(); 3])[mi]
+                .add(&g);
+            outs.push(g);
+        }
+        for (mi, g) in outs.iter().enumerate().skip(1) {
+            if g.tokens != outs[0].tokens {
+                divergences += 1;
+                let at = g
+                    .tokens
+                    .iter()
+                    .zip(&outs[0].tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                let mut ctx = pr.ids.clone();
+                ctx.extend_from_slice(&outs[0].tokens[..at.min(outs[0].tokens.len())]);
+                let gap = engine.target_top2_gap(&ctx)?;
+                if gap < 1e-3 {
+                    near_ties += 1;
+                }
+                divergence_notes
+                    .push(json!({"prompt": i, "mode": modes[mi], "position": at, "top2_gap": gap}));
+                eprintln!(
+                    "prompt {i}: {} diverged from autoregressive at token {at} (target top-2 gap {gap:.2e})",
+                    modes[mi]
+                );
+            }
+        }
+        eprintln!(
+            "[{}/{}] {:<15} ar {:>6.1}  sps {:>6.1}  duo {:>6.1} tok/s  (τ duo {:.2})",
+            i + 1,
+            prompts.len(),
+            pr.category,
+            outs[0].stats.tokens_per_s,
+            outs[1].stats.tokens_per_s,
+            outs[2].stats.tokens_per_s,
+            outs[2].stats.mean_accepted
+        );
+    }
+    let (ar, sps, duo) = (&totals[0], &totals[1], &totals[2]);
+    let ar_ms_per_token = ar.total_ms / ar.tokens.max(1) as f64;
+    let duo_target_ms_per_round = duo.target_busy_ms / duo.rounds.max(1) as f64;
+    let limit = duo.mean_accepted() * ar_ms_per_token / duo_target_ms_per_round.max(1e-9);
+    let duo_over_ar = duo.tokens_per_s() / ar.tokens_per_s();
+    let report = json!({
+        "machine": machine(),
+        "prompts": prompts.len(),
+        "prompts_cut_to_fit": cut,
+        "context_len": engine.limits().context_len,
+        "max_new_tokens": args.max_new_tokens,
+        "sps_gamma": args.sps_gamma,
+        "duo_gamma": args.duo_gamma,
+        "max_branches": args.max_branches,
+        "modes": {
+            "autoregressive": ar.summary(),
+            "speculative": sps.summary(),
+            "duodecoding": duo.summary(),
+            "ar_2threads": if args.no_ar2 { serde_json::Value::Null } else { ar2.summary() },
+        },
+        "per_category": per_category.iter().map(|(c, t)| (c.clone(), json!({
+            "ar_tokens_per_s": t[0].tokens_per_s(),
+            "sps_tokens_per_s": t[1].tokens_per_s(),
+            "duo_tokens_per_s": t[2].tokens_per_s(),
+            "duo_mean_accepted": t[2].mean_accepted(),
+        }))).collect::<serde_json::Map<_, _>>(),
+        "divergences": divergence_notes,
+    });
+    let headline = json!({
+        "duo_over_ar": duo_over_ar,
+        "duo_over_sps": duo.tokens_per_s() / sps.tokens_per_s(),
+        "ttft_duo_over_sps": duo.ttft_ms() / sps.ttft_ms().max(1e-9),
+        "limit_duo_over_ar": limit,
+        "fraction_of_limit": duo_over_ar / limit.max(1e-9),
+        "mean_accepted": duo.mean_accepted(),
+        "sps_mean_accepted": sps.mean_accepted(),
+        "identical": divergences == 0,
+        "near_tie_divergences": near_ties,
+        "hard_divergences": divergences - near_ties,
+        "ar_tokens_per_s": ar.tokens_per_s(),
+        "sps_tokens_per_s": sps.tokens_per_s(),
+        "duo_tokens_per_s": duo.tokens_per_s(),
+        "ar_2threads_tokens_per_s": if args.no_ar2 { serde_json::Value::Null } else { json!(ar2.tokens_per_s()) },
+        "duo_target_idle_fraction": duo.target_idle_ms / duo.total_ms.max(1e-9),
+        "duo_draft_idle_fraction": duo.draft_idle_ms / duo.total_ms.max(1e-9),
+        "prompts": prompts.len(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(path) = &args.out {
+        let mut full = report.clone();
+        full["headline"] = headline.clone();
+        std::fs::write(path, serde_json::to_string_pretty(&full)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(
+            path,
+            svg(
+                &[("AR", ar), ("SpS", sps), ("Duo", duo)],
+                if args.no_ar2 { None } else { Some(&ar2) },
+            ),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{}", serde_json::to_string(&headline)?);
+    Ok(())
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    })
+}
+
+/// Two bar charts side by side: tokens/s and TTFT per mode.
+fn svg(modes: &[(&str, &ModeTotals)], ar2: Option<&ModeTotals>) -> String {
+    let mut bars: Vec<(String, f64, f64)> = modes
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.tokens_per_s(), t.ttft_ms()))
+        .collect();
+    if let Some(t) = ar2 {
+        bars.push(("AR 2 thr".into(), t.tokens_per_s(), t.ttft_ms()));
+    }
+    let (w, h, pad) = (640.0, 300.0, 40.0);
+    let panel = (w - 3.0 * pad) / 2.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    for (pi, (title, pick)) in [
+        ("tokens/s (higher is better)", 0usize),
+        ("TTFT ms (lower is better)", 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x0 = pad + pi as f64 * (panel + pad);
+        let vals: Vec<f64> = bars
+            .iter()
+            .map(|b| if *pick == 0 { b.1 } else { b.2 })
+            .collect();
+        let max = vals.iter().copied().fold(1e-9, f64::max);
+        s += &format!(
+            "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-weight=\"bold\">{title}</text>\n",
+            x0 + panel / 2.0
+        );
+        let bw = panel / bars.len() as f64;
+        for (i, (b, v)) in bars.iter().zip(&vals).enumerate() {
+            let bh = (h - 2.5 * pad) * v / max;
+            let x = x0 + i as f64 * bw + bw * 0.15;
+            let y = h - pad - bh;
+            let color = ["#888", "#4a7fc1", "#d9822b", "#bbb"][i.min(3)];
+            s += &format!(
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{color}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{v:.1}</text>\n<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+                bw * 0.7,
+                x + bw * 0.35,
+                y - 4.0,
+                x + bw * 0.35,
+                h - pad + 16.0,
+                b.0
+            );
+        }
+    }
+    s + "</svg>\n"
+}
