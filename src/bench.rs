@@ -214,9 +214,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         cfg2.pin_cores = false;
         let mut e2 = Engine::load(&cfg2)?;
         let p = params(&args, Mode::Autoregressive);
-        e2.generate(prompts[0].ids.clone(), &p, &mut |_, _| true)?;
+        e2.generate(prompts[0].ids.clone(), &p, &mut |_, _, _| true)?;
         for pr in &prompts {
-            ar2.add(&e2.generate(pr.ids.clone(), &p, &mut |_, _| true)?);
+            ar2.add(&e2.generate(pr.ids.clone(), &p, &mut |_, _, _| true)?);
         }
         eprintln!(
             "autoregressive, target on 2 threads: {:.1} tok/s",
@@ -226,7 +226,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let modes = [Mode::Autoregressive, Mode::Speculative, Mode::Duodecoding];
     // Warm-up (also warms the budget controller's estimates).
     for m in modes {
-        engine.generate(prompts[0].ids.clone(), &params(&args, m), &mut |_, _| true)?;
+        engine.generate(prompts[0].ids.clone(), &params(&args, m), &mut |_, _, _| {
+            true
+        })?;
     }
     let mut totals: Vec<ModeTotals> = vec![ModeTotals::default(); 3];
     let mut per_category: std::collections::BTreeMap<String, Vec<ModeTotals>> = Default::default();
@@ -235,7 +237,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for (i, pr) in prompts.iter().enumerate() {
         let mut outs: Vec<Generation> = Vec::new();
         for (mi, m) in modes.iter().enumerate() {
-            let g = engine.generate(pr.ids.clone(), &params(&args, *m), &mut |_, _| true)?;
+            let g = engine.generate(pr.ids.clone(), &params(&args, *m), &mut |_, _, _| true)?;
             totals[mi].add(&g);
             per_category
                 .entry(pr.category.clone())

@@ -156,10 +156,11 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         mode: a.mode,
         gamma: a.gamma,
         max_branches: a.max_branches,
+        logprobs: false,
     };
     let mut out = std::io::stdout();
     print!("{}", a.prompt);
-    let g = engine.generate(prompt, &params, &mut |text, _| {
+    let g = engine.generate(prompt, &params, &mut |text, _, _| {
         let _ = write!(out, "{text}");
         let _ = out.flush();
         true

@@ -55,7 +55,7 @@ fn speculative_modes_match_autoregressive_greedy() {
                 ..GenerateParams::default()
             };
             engine
-                .generate(p.clone(), &params, &mut |_, _| true)
+                .generate(p.clone(), &params, &mut |_, _, _| true)
                 .unwrap()
         };
         let ar = run(&mut engine, Mode::Autoregressive, 1);

@@ -5,9 +5,10 @@
 //! and duodecoding must follow the target's exact distribution.
 
 use duo_core::engine::session::{self, DraftSide, GenerateParams, Limits, Mode, TargetSide};
-use duo_core::engine::{DraftJob, DraftTree, EngineError, TargetPass};
-use duo_core::sampling::{SamplingParams, argmax, top_softmax};
+use duo_core::engine::{DraftJob, DraftTree, EngineError, TargetVerdict};
+use duo_core::sampling::{Rng, SamplingParams, argmax, rng_from_seed, top_softmax};
 use duo_core::spec::budget::{BudgetConfig, BudgetController};
+use duo_core::spec::verify::verify_deterministic;
 use duo_core::stats::chi_square;
 use duo_core::tokenizer::Tokenizer;
 
@@ -30,10 +31,16 @@ fn draft_logits(prev: u32) -> Vec<f32> {
 struct ToyTarget {
     ctx: Vec<u32>,
     sampling: SamplingParams,
+    rng: Rng,
 }
 
 impl TargetSide for ToyTarget {
-    fn pass(&mut self, keep: usize, feed: &[u32], need: usize) -> Result<TargetPass, EngineError> {
+    fn verify(
+        &mut self,
+        keep: usize,
+        feed: &[u32],
+        tail: &[u32],
+    ) -> Result<TargetVerdict, EngineError> {
         assert!(
             keep <= self.ctx.len(),
             "target asked to keep more than it holds"
@@ -41,11 +48,12 @@ impl TargetSide for ToyTarget {
         self.ctx.truncate(keep);
         self.ctx.extend_from_slice(feed);
         let n = self.ctx.len();
-        let dists = (n - need..n)
+        let dists: Vec<_> = (n - tail.len() - 1..n)
             .map(|i| self.sampling.distribution(&target_logits(self.ctx[i])))
             .collect();
-        Ok(TargetPass {
-            dists,
+        Ok(TargetVerdict {
+            verdict: verify_deterministic(&dists, tail, &mut self.rng).unwrap(),
+            logprobs: Vec::new(),
             fed: feed.len(),
             secs: 0.0,
         })
@@ -130,6 +138,7 @@ fn joint_counts(mode: Mode, sampling: SamplingParams, gamma: usize, n: usize) ->
         let mut target = ToyTarget {
             ctx: Vec::new(),
             sampling,
+            rng: rng_from_seed(seed * 7919 + 13),
         };
         let mut draft = ToyDraft {
             ctx: Vec::new(),
@@ -158,7 +167,7 @@ fn joint_counts(mode: Mode, sampling: SamplingParams, gamma: usize, n: usize) ->
             &mut budget,
             vec![2, 0],
             &params,
-            &mut |_, _| true,
+            &mut |_, _, _| true,
         )
         .unwrap();
         assert_eq!(g.tokens.len(), 3);

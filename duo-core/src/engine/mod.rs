@@ -14,10 +14,10 @@ use std::sync::mpsc;
 
 pub use drafter::{DraftJob, DraftTree, Drafter};
 pub use session::{DraftSide, GenerateParams, Generation, Limits, Mode, Stats, TargetSide};
-pub use verifier::{TargetPass, Verifier};
+pub use verifier::{TargetVerdict, Verifier};
 
 use crate::runtime::{CausalLm, Device, ModelOptions, RuntimeError};
-use crate::sampling::SamplingParams;
+use crate::sampling::{Rng, SamplingParams, rng_from_seed};
 use crate::spec::budget::{BudgetConfig, BudgetController};
 use crate::spec::round::RoundError;
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -146,13 +146,15 @@ impl Engine {
         &mut self,
         prompt: Vec<u32>,
         params: &GenerateParams,
-        sink: &mut dyn FnMut(&str, &[u32]) -> bool,
+        sink: &mut session::Sink<'_>,
     ) -> Result<Generation, EngineError> {
         session::validate(&prompt, params, &self.limits)?;
         let mut target = LocalTarget {
             verifier: Verifier::new(&self.target)?,
             lm: &mut self.target,
             sampling: params.sampling,
+            rng: rng_from_seed(params.seed),
+            logprobs: params.logprobs,
         };
         if self.pin_cores {
             pin_current_thread(0);
@@ -252,13 +254,26 @@ struct LocalTarget<'a> {
     lm: &'a mut CausalLm,
     verifier: Verifier,
     sampling: SamplingParams,
+    rng: Rng,
+    logprobs: bool,
 }
 
 impl TargetSide for LocalTarget<'_> {
-    fn pass(&mut self, keep: usize, feed: &[u32], need: usize) -> Result<TargetPass, EngineError> {
-        Ok(self
-            .verifier
-            .pass(self.lm, keep, feed, need, &self.sampling)?)
+    fn verify(
+        &mut self,
+        keep: usize,
+        feed: &[u32],
+        tail: &[u32],
+    ) -> Result<TargetVerdict, EngineError> {
+        Ok(self.verifier.verify(
+            self.lm,
+            keep,
+            feed,
+            tail,
+            &self.sampling,
+            &mut self.rng,
+            self.logprobs,
+        )?)
     }
 }
 

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::EngineError;
 use super::drafter::{DraftJob, DraftTree};
-use super::verifier::TargetPass;
-use crate::sampling::{SamplingParams, rng_from_seed};
+use super::verifier::TargetVerdict;
+use crate::sampling::SamplingParams;
 use crate::spec::budget::{BudgetController, BudgetReport};
 use crate::spec::policy::BranchPolicy;
 use crate::spec::round::Round;
@@ -69,6 +69,8 @@ pub struct GenerateParams {
     pub gamma: Option<usize>,
     /// Most branches per round (1 disables multi-sequence drafting).
     pub max_branches: usize,
+    /// Return the target's log-probabilities of the emitted tokens.
+    pub logprobs: bool,
 }
 
 /// γ for speculative mode when none is given.
@@ -86,6 +88,7 @@ impl Default for GenerateParams {
             mode: Mode::Duodecoding,
             gamma: None,
             max_branches: 4,
+            logprobs: false,
         }
     }
 }
@@ -131,15 +134,24 @@ pub struct Generation {
     /// Emitted token ids (EOS included when it ended the generation).
     pub tokens: Vec<u32>,
     pub text: String,
+    /// Target log-probabilities of `tokens` (empty unless asked for).
+    pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
     pub stats: Stats,
 }
 
 /// The target's side of a generation.
 pub trait TargetSide {
-    /// Rolls the target's cache back to `keep` tokens, feeds `feed`, and
-    /// returns the processed distributions of the last `need` positions.
-    fn pass(&mut self, keep: usize, feed: &[u32], need: usize) -> Result<TargetPass, EngineError>;
+    /// Rolls the target's cache back to `keep` tokens, feeds `feed` (whose
+    /// last `tail.len()` tokens are the unverified tail) and verifies the
+    /// tail next to the logits, with the generation's sampling settings and
+    /// seeded RNG (which live on the target side).
+    fn verify(
+        &mut self,
+        keep: usize,
+        feed: &[u32],
+        tail: &[u32],
+    ) -> Result<TargetVerdict, EngineError>;
 }
 
 /// The draft's side of a generation: `submit` starts a drafting job (it may
@@ -149,9 +161,10 @@ pub trait DraftSide {
     fn collect(&mut self) -> Result<DraftTree, EngineError>;
 }
 
-/// What the loop streams out: new text and the ids of newly emitted tokens.
-/// Returning `false` cancels the generation.
-pub type Sink<'a> = dyn FnMut(&str, &[u32]) -> bool + 'a;
+/// What the loop streams out: new text, the ids of newly emitted tokens and
+/// (when asked for) their log-probabilities. Returning `false` cancels the
+/// generation.
+pub type Sink<'a> = dyn FnMut(&str, &[u32], &[f32]) -> bool + 'a;
 
 /// Limits the loop needs from the models.
 #[derive(Debug, Clone, Copy)]
@@ -243,9 +256,9 @@ pub fn run(
         stop_sequences: params.stop.clone(),
     });
     let mut decoder = IncrementalDecoder::new();
-    let mut rng = rng_from_seed(params.seed);
     let policy = BranchPolicy::new(params.max_branches);
     let mut emitted: Vec<u32> = Vec::new();
+    let mut logprobs: Vec<f32> = Vec::new();
     let mut text = String::new();
     let mut gamma_sum = 0usize;
     let mut draft_rounds = 0usize;
@@ -255,10 +268,10 @@ pub fn run(
     while finish.is_none() {
         let remaining = term.remaining();
         let room = limits.context_len.saturating_sub(round.draft_context_len());
-        let feed = round.target_feed();
-        let (pass, tree) = match (params.mode, draft.as_deref_mut()) {
+        let keep = round.target_keep();
+        let (verdict, tree) = match (params.mode, draft.as_deref_mut()) {
             (Mode::Autoregressive, _) | (_, None) => {
-                (target.pass(round.target_keep(), &feed, 1)?, None)
+                (target.verify(keep, &round.target_feed(), &[])?, None)
             }
             (Mode::Speculative, Some(d)) => {
                 let gamma = params
@@ -267,7 +280,7 @@ pub fn run(
                     .min(remaining.saturating_sub(1))
                     .min(room.saturating_sub(1));
                 if gamma == 0 {
-                    (target.pass(round.target_keep(), &feed, 1)?, None)
+                    (target.verify(keep, &round.target_feed(), &[])?, None)
                 } else {
                     d.submit(DraftJob {
                         sync: round.draft_sync().clone(),
@@ -281,13 +294,12 @@ pub fn run(
                     draft_rounds += 1;
                     let mut chain = tree.branches.first().cloned().unwrap_or_default();
                     chain.truncate(gamma);
-                    let m = chain.len();
                     round.set_tail(chain)?;
-                    let feed = round.target_feed();
-                    let pass = target.pass(round.target_keep(), &feed, m + 1)?;
-                    stats.draft_idle_ms += pass.secs * 1e3;
+                    let v = target.verify(keep, &round.target_feed(), round.tail())?;
+                    stats.draft_idle_ms += v.secs * 1e3;
+                    // The chain became the tail: no branches for the next token.
                     (
-                        pass,
+                        v,
                         Some(DraftTree {
                             branches: Vec::new(),
                             ..tree
@@ -296,6 +308,7 @@ pub fn run(
                 }
             }
             (Mode::Duodecoding, Some(d)) => {
+                let feed = round.target_feed();
                 let tail = round.tail().len();
                 let gamma = params
                     .gamma
@@ -303,7 +316,7 @@ pub fn run(
                     .min(remaining.saturating_sub(tail + 1))
                     .min(room);
                 if gamma == 0 {
-                    (target.pass(round.target_keep(), &feed, tail + 1)?, None)
+                    (target.verify(keep, &feed, round.tail())?, None)
                 } else {
                     let round_start = Instant::now();
                     d.submit(DraftJob {
@@ -311,7 +324,7 @@ pub fn run(
                         gamma,
                         policy,
                     })?;
-                    let pass = target.pass(round.target_keep(), &feed, tail + 1)?;
+                    let v = target.verify(keep, &feed, round.tail())?;
                     let waited = Instant::now();
                     let tree = d.collect()?;
                     stats.target_idle_ms += waited.elapsed().as_secs_f64() * 1e3;
@@ -319,13 +332,13 @@ pub fn run(
                         (round_start.elapsed().as_secs_f64() - tree.secs).max(0.0) * 1e3;
                     gamma_sum += gamma;
                     draft_rounds += 1;
-                    (pass, Some(tree))
+                    (v, Some(tree))
                 }
             }
         };
-        stats.target_busy_ms += pass.secs * 1e3;
+        stats.target_busy_ms += verdict.secs * 1e3;
         if !first_round {
-            budget.observe_target(pass.fed, pass.secs);
+            budget.observe_target(verdict.fed, verdict.secs);
         }
         let branches: &[Vec<u32>] = match &tree {
             Some(t) => {
@@ -337,7 +350,7 @@ pub fn run(
             }
             None => &[],
         };
-        let out = round.resolve(&pass.dists, branches, &mut rng)?;
+        let out = round.apply(verdict.verdict, branches)?;
         first_round = false;
         stats.rounds += 1;
         stats.drafted += out.drafted();
@@ -357,12 +370,14 @@ pub fn run(
 
         let commit = term.commit(&out.committed, |t| decoder.push(tokenizer, t))?;
         let new = &out.committed[..commit.accepted];
+        let new_logprobs = &verdict.logprobs[..verdict.logprobs.len().min(commit.accepted)];
+        logprobs.extend_from_slice(new_logprobs);
         if stats.ttft_ms == 0.0 && !new.is_empty() {
             stats.ttft_ms = start.elapsed().as_secs_f64() * 1e3;
         }
         emitted.extend_from_slice(new);
         text.push_str(&commit.text);
-        if (!commit.text.is_empty() || !new.is_empty()) && !sink(&commit.text, new) {
+        if (!commit.text.is_empty() || !new.is_empty()) && !sink(&commit.text, new, new_logprobs) {
             return Err(EngineError::Cancelled);
         }
         finish = commit.finish;
@@ -374,7 +389,7 @@ pub fn run(
     let last = term.finish(&tail_text);
     if !last.text.is_empty() {
         text.push_str(&last.text);
-        sink(&last.text, &[]);
+        sink(&last.text, &[], &[]);
     }
     let total = start.elapsed().as_secs_f64();
     stats.new_tokens = emitted.len();
@@ -388,6 +403,7 @@ pub fn run(
     Ok(Generation {
         tokens: emitted,
         text,
+        logprobs,
         finish_reason: last.finish.or(finish).unwrap_or(FinishReason::Length),
         stats,
     })

@@ -8,16 +8,19 @@
 use std::time::Instant;
 
 use crate::runtime::{CausalLm, RuntimeError, Sequence};
-use crate::sampling::{Distribution, SamplingParams};
+use crate::sampling::{Rng, SamplingParams};
+use crate::spec::verify::{ChainVerdict, verify_deterministic};
 
 /// The target's answer for one round.
 #[derive(Debug, Clone)]
-pub struct TargetPass {
-    /// Processed distributions following the last `dists.len()` fed tokens.
-    pub dists: Vec<Distribution>,
+pub struct TargetVerdict {
+    pub verdict: ChainVerdict,
+    /// Log-probabilities (the model's own softmax, temperature 1) of the
+    /// committed tokens (accepted tail, then `next`), when asked for.
+    pub logprobs: Vec<f32>,
     /// Tokens fed in this forward.
     pub fed: usize,
-    /// Wall time of the forward (rollback and logits processing included).
+    /// Wall time of the forward (rollback, logits processing and verification included).
     pub secs: f64,
 }
 
@@ -42,16 +45,20 @@ impl Verifier {
         self.seq.is_empty()
     }
 
-    /// Rolls the cache back to `keep` tokens, feeds `feed`, and returns the
-    /// processed distributions of the last `need` positions.
-    pub fn pass(
+    /// Rolls the cache back to `keep` tokens, feeds `feed` (whose last
+    /// `tail.len()` tokens are the unverified tail) and verifies the tail on
+    /// the processed distributions, drawing with `rng`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn verify(
         &mut self,
         lm: &mut CausalLm,
         keep: usize,
         feed: &[u32],
-        need: usize,
+        tail: &[u32],
         sampling: &SamplingParams,
-    ) -> Result<TargetPass, RuntimeError> {
+        rng: &mut Rng,
+        want_logprobs: bool,
+    ) -> Result<TargetVerdict, RuntimeError> {
         let start = Instant::now();
         if keep > self.seq.len() {
             return Err(RuntimeError::Invalid(format!(
@@ -59,17 +66,43 @@ impl Verifier {
                 self.seq.len()
             )));
         }
+        if tail.len() >= feed.len() || feed[feed.len() - tail.len()..] != *tail {
+            return Err(RuntimeError::Invalid(
+                "the tail must be the end of the fed tokens, after at least one verified token"
+                    .into(),
+            ));
+        }
         self.seq.truncate(keep)?;
         let logits = lm.extend(&mut self.seq, feed)?;
         let rows = logits.rows();
-        let need = need.clamp(1, rows);
-        let dists = (rows - need..rows)
+        let first = rows - tail.len() - 1;
+        let dists: Vec<_> = (first..rows)
             .map(|i| sampling.distribution(logits.row(i)))
             .collect();
-        Ok(TargetPass {
-            dists,
+        let verdict = verify_deterministic(&dists, tail, rng)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let logprobs = if want_logprobs {
+            tail[..verdict.accepted]
+                .iter()
+                .chain(std::iter::once(&verdict.next))
+                .enumerate()
+                .map(|(i, &t)| log_softmax_at(logits.row(first + i), t))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(TargetVerdict {
+            verdict,
+            logprobs,
             fed: feed.len(),
             secs: start.elapsed().as_secs_f64(),
         })
     }
+}
+
+fn log_softmax_at(row: &[f32], token: u32) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f32 = row.iter().map(|&l| (l - max).exp()).sum();
+    row.get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| l - max - z.ln())
 }

@@ -82,6 +82,8 @@ pub enum RoundError {
         fed: usize,
         needed: usize,
     },
+    #[error("verdict accepts {accepted} tokens of a {tail}-token tail")]
+    Verdict { accepted: usize, tail: usize },
     #[error("a branch is empty")]
     EmptyBranch,
     #[error("set_tail is only allowed on a round with no pending tail")]
@@ -171,8 +173,7 @@ impl Round {
 
     /// Verifies this round on the target's distributions for the fed tokens
     /// (`dists[i]` follows fed token i; only the last `tail.len() + 1` are
-    /// used) and the draft's `branches` for the token after the tail (empty
-    /// in autoregressive and speculative mode). Heads must be distinct.
+    /// used), then applies the verdict (see [`Self::apply`]).
     pub fn resolve(
         &mut self,
         dists: &[Distribution],
@@ -188,11 +189,30 @@ impl Round {
                 needed: m + 1,
             });
         }
+        let verdict = verify_deterministic(&dists[dists.len() - m - 1..], &self.tail, rng)?;
+        self.apply(verdict, branches)
+    }
+
+    /// Applies a verification verdict on this round's tail (computed next to
+    /// the target's logits, locally or in the target service) and the
+    /// draft's `branches` for the token after the tail (empty in
+    /// autoregressive and speculative mode; heads distinct): commits the
+    /// accepted tail and `next`, picks the branch headed by `next` as the new
+    /// pending branch, and computes what each side keeps. On error nothing
+    /// changes.
+    pub fn apply(
+        &mut self,
+        verdict: ChainVerdict,
+        branches: &[Vec<u32>],
+    ) -> Result<RoundOutcome, RoundError> {
+        let ChainVerdict { accepted, next } = verdict;
+        let m = self.tail.len();
+        if accepted > m {
+            return Err(RoundError::Verdict { accepted, tail: m });
+        }
         if branches.iter().any(Vec::is_empty) {
             return Err(RoundError::EmptyBranch);
         }
-        let ChainVerdict { accepted, next } =
-            verify_deterministic(&dists[dists.len() - m - 1..], &self.tail, rng)?;
         let old_len = self.committed.len();
         let tail = std::mem::take(&mut self.tail);
         let mut committed_now = tail[..accepted].to_vec();
