@@ -1,6 +1,8 @@
 //! `duo`: generate text and benchmark decoding modes in one process.
 
 mod bench;
+mod client;
+mod up;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -29,6 +31,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Compare autoregressive, speculative and duodecoding on Spec-Bench prompts.
     Bench(bench::BenchArgs),
+    /// Start target-service, draft-service and orchestrator locally (Ctrl-C stops them).
+    Up(up::UpArgs),
 }
 
 /// Where the models are and how to run them.
@@ -121,6 +125,9 @@ struct GenerateArgs {
     /// Print the stats as JSON instead of a line.
     #[arg(long)]
     json: bool,
+    /// Stream from a running orchestrator (e.g. 127.0.0.1:50051) instead of in-process models.
+    #[arg(long, env = "DUO_ENDPOINT")]
+    endpoint: Option<String>,
 }
 
 fn main() {
@@ -134,6 +141,7 @@ fn main() {
     let res = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench::run(a),
+        Command::Up(a) => up::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
@@ -142,8 +150,6 @@ fn main() {
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    let mut engine = Engine::load(&a.models.config()).context("loading the models")?;
-    let prompt = engine.tokenizer().encode(&a.prompt)?;
     let params = GenerateParams {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {
@@ -152,7 +158,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             top_p: a.top_p,
         },
         seed: a.seed,
-        stop: a.stop,
+        stop: a.stop.clone(),
         mode: a.mode,
         gamma: a.gamma,
         max_branches: a.max_branches,
@@ -160,33 +166,51 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let mut out = std::io::stdout();
     print!("{}", a.prompt);
-    let g = engine.generate(prompt, &params, &mut |text, _, _| {
+    let mut show = |text: &str| {
         let _ = write!(out, "{text}");
         let _ = out.flush();
-        true
-    })?;
+    };
+    let g = match &a.endpoint {
+        Some(endpoint) => {
+            let mut remote = client::Remote::connect(endpoint)?;
+            remote.generate(client::Prompt::Text(a.prompt.clone()), &params, show)?
+        }
+        None => {
+            let mut engine = Engine::load(&a.models.config()).context("loading the models")?;
+            let prompt = engine.tokenizer().encode(&a.prompt)?;
+            engine.generate(prompt, &params, &mut |text, _, _| {
+                show(text);
+                true
+            })?
+        }
+    };
     println!();
-    let s = &g.stats;
     if a.json {
         eprintln!("{}", serde_json::to_string(&g.stats)?);
     } else {
-        eprintln!(
-            "[{}] {} tokens in {:.1} ms ({:.1} tok/s), TTFT {:.1} ms, {} rounds, mean accepted {:.2}, drafted {} accepted {}, gamma {:.1}, k {:?}, idle target {:.0}% draft {:.0}%, finish {:?}",
-            s.mode,
-            s.new_tokens,
-            s.total_ms,
-            s.tokens_per_s,
-            s.ttft_ms,
-            s.rounds,
-            s.mean_accepted,
-            s.drafted,
-            s.accepted,
-            s.gamma_mean,
-            s.k_hist,
-            100.0 * s.target_idle_ms / s.total_ms.max(1e-9),
-            100.0 * s.draft_idle_ms / s.total_ms.max(1e-9),
-            g.finish_reason,
-        );
+        eprintln!("{}", stats_line(&g));
     }
     Ok(())
+}
+
+/// One human line of a generation's stats.
+pub fn stats_line(g: &duo_core::engine::Generation) -> String {
+    let s = &g.stats;
+    format!(
+        "[{}] {} tokens in {:.1} ms ({:.1} tok/s), TTFT {:.1} ms, {} rounds, mean accepted {:.2}, drafted {} accepted {}, gamma {:.1}, k {:?}, idle target {:.0}% draft {:.0}%, finish {:?}",
+        s.mode,
+        s.new_tokens,
+        s.total_ms,
+        s.tokens_per_s,
+        s.ttft_ms,
+        s.rounds,
+        s.mean_accepted,
+        s.drafted,
+        s.accepted,
+        s.gamma_mean,
+        s.k_hist,
+        100.0 * s.target_idle_ms / s.total_ms.max(1e-9),
+        100.0 * s.draft_idle_ms / s.total_ms.max(1e-9),
+        g.finish_reason,
+    )
 }

@@ -1,0 +1,188 @@
+//! The core's two seams over gRPC: [`RemoteTarget`] and [`RemoteDraft`]
+//! implement `TargetSide` / `DraftSide` on one bidirectional session stream
+//! each. They are driven from a blocking thread (the generation loop is
+//! synchronous) and reach the async streams through the runtime handle.
+//! Dropping them closes the streams, which frees the sessions on the
+//! services.
+
+use duo_core::engine::{DraftJob, DraftSide, DraftTree, EngineError, TargetSide, TargetVerdict};
+use duo_core::spec::verify::ChainVerdict;
+use duo_rpc::convert::{sync_to_pb, tree_from_pb};
+use duo_rpc::pb::draft_client::DraftClient;
+use duo_rpc::pb::target_client::TargetClient;
+use duo_rpc::pb::{self, draft_reply, draft_request, target_reply, target_request};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+/// The first remote failure seen, kept so the caller can answer the client
+/// with the service's own status (e.g. INVALID_ARGUMENT) instead of a
+/// generic one.
+#[derive(Default)]
+pub struct Failure(pub Option<Status>);
+
+fn unavailable(side: &'static str, s: &Status) -> EngineError {
+    EngineError::Unavailable(side, format!("{}: {}", s.code(), s.message()))
+}
+
+/// A target session.
+pub struct RemoteTarget {
+    handle: Handle,
+    tx: mpsc::Sender<pb::TargetRequest>,
+    rx: Streaming<pb::TargetReply>,
+    pub failure: Failure,
+}
+
+impl RemoteTarget {
+    /// Opens a session (async; call from the runtime).
+    pub async fn open(
+        mut client: TargetClient<Channel>,
+        open: pb::OpenTarget,
+    ) -> Result<(Self, pb::WorkerInfo), Status> {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(pb::TargetRequest {
+            kind: Some(target_request::Kind::Open(open)),
+        })
+        .await
+        .map_err(|_| Status::internal("target request channel closed"))?;
+        let mut rx = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        match rx.message().await? {
+            Some(pb::TargetReply {
+                kind: Some(target_reply::Kind::Opened(info)),
+            }) => Ok((
+                Self {
+                    handle: Handle::current(),
+                    tx,
+                    rx,
+                    failure: Failure::default(),
+                },
+                info,
+            )),
+            _ => Err(Status::internal(
+                "target-service did not acknowledge the session",
+            )),
+        }
+    }
+}
+
+impl TargetSide for RemoteTarget {
+    fn verify(
+        &mut self,
+        keep: usize,
+        feed: &[u32],
+        tail: &[u32],
+    ) -> Result<TargetVerdict, EngineError> {
+        let req = pb::TargetRequest {
+            kind: Some(target_request::Kind::Verify(pb::Verify {
+                keep: keep as u32,
+                feed: feed.to_vec(),
+                tail_len: tail.len() as u32,
+            })),
+        };
+        let (tx, rx) = (&self.tx, &mut self.rx);
+        let reply = self.handle.block_on(async move {
+            tx.send(req)
+                .await
+                .map_err(|_| Status::unavailable("target session closed"))?;
+            rx.message().await
+        });
+        match reply {
+            Ok(Some(pb::TargetReply {
+                kind: Some(target_reply::Kind::Verdict(v)),
+            })) => Ok(TargetVerdict {
+                verdict: ChainVerdict {
+                    accepted: v.accepted as usize,
+                    next: v.next,
+                },
+                logprobs: v.logprobs,
+                fed: v.fed as usize,
+                secs: v.secs,
+            }),
+            Ok(_) => {
+                let s = Status::unavailable("target-service ended the session");
+                let e = unavailable("target-service", &s);
+                self.failure.0.get_or_insert(s);
+                Err(e)
+            }
+            Err(s) => {
+                let e = unavailable("target-service", &s);
+                self.failure.0.get_or_insert(s);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A draft session.
+pub struct RemoteDraft {
+    handle: Handle,
+    tx: mpsc::Sender<pb::DraftRequest>,
+    rx: Streaming<pb::DraftReply>,
+    pub failure: Failure,
+}
+
+impl RemoteDraft {
+    /// Opens a session (async; call from the runtime).
+    pub async fn open(
+        mut client: DraftClient<Channel>,
+        open: pb::OpenDraft,
+    ) -> Result<(Self, pb::WorkerInfo), Status> {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(pb::DraftRequest {
+            kind: Some(draft_request::Kind::Open(open)),
+        })
+        .await
+        .map_err(|_| Status::internal("draft request channel closed"))?;
+        let mut rx = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        match rx.message().await? {
+            Some(pb::DraftReply {
+                kind: Some(draft_reply::Kind::Opened(info)),
+            }) => Ok((
+                Self {
+                    handle: Handle::current(),
+                    tx,
+                    rx,
+                    failure: Failure::default(),
+                },
+                info,
+            )),
+            _ => Err(Status::internal(
+                "draft-service did not acknowledge the session",
+            )),
+        }
+    }
+
+    fn fail(&mut self, s: Status) -> EngineError {
+        let e = unavailable("draft-service", &s);
+        self.failure.0.get_or_insert(s);
+        e
+    }
+}
+
+impl DraftSide for RemoteDraft {
+    fn submit(&mut self, job: DraftJob) -> Result<(), EngineError> {
+        let req = pb::DraftRequest {
+            kind: Some(draft_request::Kind::Draft(pb::DraftJob {
+                sync: Some(sync_to_pb(&job.sync)),
+                gamma: job.gamma as u32,
+                max_branches: job.policy.cap() as u32,
+            })),
+        };
+        let tx = &self.tx;
+        let sent = self.handle.block_on(async move { tx.send(req).await });
+        sent.map_err(|_| self.fail(Status::unavailable("draft session closed")))
+    }
+
+    fn collect(&mut self) -> Result<DraftTree, EngineError> {
+        let rx = &mut self.rx;
+        match self.handle.block_on(async move { rx.message().await }) {
+            Ok(Some(pb::DraftReply {
+                kind: Some(draft_reply::Kind::Tree(t)),
+            })) => Ok(tree_from_pb(t)),
+            Ok(_) => Err(self.fail(Status::unavailable("draft-service ended the session"))),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Conversions between protocol messages and the core's types.
+
+use duo_core::engine::{DraftTree, Mode, Stats};
+use duo_core::runtime::ModelInfo;
+use duo_core::spec::round::DraftSync;
+use duo_core::spec::stop::FinishReason;
+
+use crate::pb;
+
+pub fn mode_from_pb(m: i32) -> Result<Mode, String> {
+    match pb::Mode::try_from(m) {
+        Ok(pb::Mode::Unspecified | pb::Mode::Duodecoding) => Ok(Mode::Duodecoding),
+        Ok(pb::Mode::Speculative) => Ok(Mode::Speculative),
+        Ok(pb::Mode::Autoregressive) => Ok(Mode::Autoregressive),
+        Err(_) => Err(format!(
+            "unknown mode {m}: use MODE_DUODECODING (1), MODE_SPECULATIVE (2) or MODE_AUTOREGRESSIVE (3)"
+        )),
+    }
+}
+
+pub fn mode_to_pb(m: Mode) -> pb::Mode {
+    match m {
+        Mode::Duodecoding => pb::Mode::Duodecoding,
+        Mode::Speculative => pb::Mode::Speculative,
+        Mode::Autoregressive => pb::Mode::Autoregressive,
+    }
+}
+
+pub fn finish_to_pb(f: FinishReason) -> pb::FinishReason {
+    match f {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Stop => pb::FinishReason::Stop,
+    }
+}
+
+pub fn stats_to_pb(s: &Stats, draft_worker: &str) -> pb::Stats {
+    pb::Stats {
+        prompt_tokens: s.prompt_tokens as u32,
+        new_tokens: s.new_tokens as u32,
+        rounds: s.rounds as u32,
+        drafted: s.drafted as u32,
+        accepted: s.accepted as u32,
+        mean_accepted: s.mean_accepted,
+        ttft_ms: s.ttft_ms,
+        total_ms: s.total_ms,
+        tokens_per_s: s.tokens_per_s,
+        target_busy_ms: s.target_busy_ms,
+        target_idle_ms: s.target_idle_ms,
+        draft_busy_ms: s.draft_busy_ms,
+        draft_idle_ms: s.draft_idle_ms,
+        gamma_mean: s.gamma_mean,
+        k_rounds: s
+            .k_hist
+            .iter()
+            .map(|(k, n)| (*k as u32, *n as u32))
+            .collect(),
+        draft_worker: draft_worker.to_string(),
+        mode: mode_to_pb(s.mode) as i32,
+    }
+}
+
+pub fn sync_to_pb(s: &DraftSync) -> pb::Sync {
+    pb::Sync {
+        adopt: s.adopt.map(|a| a as u32),
+        keep: s.keep as u32,
+        append: s.append.clone(),
+    }
+}
+
+pub fn sync_from_pb(s: &pb::Sync) -> DraftSync {
+    DraftSync {
+        adopt: s.adopt.map(|a| a as usize),
+        keep: s.keep as usize,
+        append: s.append.clone(),
+    }
+}
+
+pub fn tree_to_pb(t: &DraftTree) -> pb::DraftTree {
+    pb::DraftTree {
+        branches: t
+            .branches
+            .iter()
+            .map(|b| pb::Branch { tokens: b.clone() })
+            .collect(),
+        forward_steps: t.forward_steps as u32,
+        secs: t.secs,
+    }
+}
+
+pub fn tree_from_pb(t: pb::DraftTree) -> DraftTree {
+    DraftTree {
+        branches: t.branches.into_iter().map(|b| b.tokens).collect(),
+        forward_steps: t.forward_steps as usize,
+        secs: t.secs,
+    }
+}
+
+pub fn model_to_pb(m: &ModelInfo) -> pb::ModelInfo {
+    pb::ModelInfo {
+        path: m.path.display().to_string(),
+        layers: m.num_layers as u32,
+        kv_heads: m.kv_heads as u32,
+        head_dim: m.head_dim as u32,
+        vocab_size: m.vocab_size as u32,
+        context_len: m.context_len.unwrap_or(0) as u32,
+        provider: m.provider.to_string(),
+        threads: m.intra_threads as u32,
+    }
+}

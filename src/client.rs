@@ -1,0 +1,149 @@
+//! The gRPC client side of `duo`: streaming a generation from a running
+//! orchestrator, as a blocking API for the CLI and the bench.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use duo_core::engine::{GenerateParams, Generation, Mode, Stats};
+use duo_core::spec::stop::FinishReason;
+use duo_rpc::convert::mode_to_pb;
+use duo_rpc::pb::generation_client::GenerationClient;
+use duo_rpc::pb::{self, generate_request};
+use tonic::transport::Channel;
+
+/// A connection to an orchestrator, with its own small runtime.
+pub struct Remote {
+    rt: tokio::runtime::Runtime,
+    client: GenerationClient<Channel>,
+}
+
+impl Remote {
+    pub fn connect(endpoint: &str) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let uri = if endpoint.contains("://") {
+            endpoint.to_string()
+        } else {
+            format!("http://{endpoint}")
+        };
+        let channel = rt
+            .block_on(
+                tonic::transport::Endpoint::from_shared(uri)?
+                    .connect_timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true)
+                    .connect(),
+            )
+            .with_context(|| format!("connecting to the orchestrator at {endpoint}"))?;
+        Ok(Self {
+            rt,
+            client: GenerationClient::new(channel),
+        })
+    }
+
+    pub fn info(&mut self) -> anyhow::Result<pb::InfoResponse> {
+        let mut c = self.client.clone();
+        Ok(self.rt.block_on(c.info(pb::InfoRequest {}))?.into_inner())
+    }
+
+    /// Streams a generation; `on_text` sees each text delta. Returns the
+    /// whole generation with the server's stats.
+    pub fn generate(
+        &mut self,
+        prompt: Prompt,
+        params: &GenerateParams,
+        mut on_text: impl FnMut(&str),
+    ) -> anyhow::Result<Generation> {
+        let req = pb::GenerateRequest {
+            prompt: Some(match prompt {
+                Prompt::Text(t) => generate_request::Prompt::Text(t),
+                Prompt::Ids(ids) => generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
+            }),
+            max_new_tokens: params.max_new_tokens as u32,
+            temperature: params.sampling.temperature,
+            top_k: params.sampling.top_k as u32,
+            top_p: Some(params.sampling.top_p),
+            seed: params.seed,
+            stop: params.stop.clone(),
+            mode: mode_to_pb(params.mode) as i32,
+            gamma: params.gamma.map(|g| g as u32),
+            max_branches: Some(params.max_branches as u32),
+            logprobs: params.logprobs,
+        };
+        let mut c = self.client.clone();
+        let start = std::time::Instant::now();
+        self.rt.block_on(async move {
+            let mut stream = c.generate_stream(req).await?.into_inner();
+            let mut ttft_ms = None;
+            let (mut text, mut tokens, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+            while let Some(chunk) = stream.message().await? {
+                if ttft_ms.is_none() && !chunk.token_ids.is_empty() {
+                    ttft_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+                }
+                on_text(&chunk.text);
+                text.push_str(&chunk.text);
+                tokens.extend_from_slice(&chunk.token_ids);
+                logprobs.extend_from_slice(&chunk.logprobs);
+                if let Some(f) = chunk.r#final {
+                    // Times as the client sees them (network included).
+                    let mut stats = stats_from_pb(&f.stats.unwrap_or_default());
+                    stats.total_ms = start.elapsed().as_secs_f64() * 1e3;
+                    stats.ttft_ms = ttft_ms.unwrap_or(stats.total_ms);
+                    stats.tokens_per_s = tokens.len() as f64 / (stats.total_ms / 1e3).max(1e-9);
+                    return Ok(Generation {
+                        tokens,
+                        text,
+                        logprobs,
+                        finish_reason: finish_from_pb(f.finish_reason),
+                        stats,
+                    });
+                }
+            }
+            bail!("the stream ended without a final chunk")
+        })
+    }
+}
+
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+fn finish_from_pb(f: i32) -> FinishReason {
+    match pb::FinishReason::try_from(f) {
+        Ok(pb::FinishReason::Eos) => FinishReason::Eos,
+        Ok(pb::FinishReason::Stop) => FinishReason::Stop,
+        _ => FinishReason::Length,
+    }
+}
+
+fn stats_from_pb(s: &pb::Stats) -> Stats {
+    Stats {
+        mode: match pb::Mode::try_from(s.mode) {
+            Ok(pb::Mode::Speculative) => Mode::Speculative,
+            Ok(pb::Mode::Autoregressive) => Mode::Autoregressive,
+            _ => Mode::Duodecoding,
+        },
+        prompt_tokens: s.prompt_tokens as usize,
+        new_tokens: s.new_tokens as usize,
+        rounds: s.rounds as usize,
+        drafted: s.drafted as usize,
+        accepted: s.accepted as usize,
+        mean_accepted: s.mean_accepted,
+        ttft_ms: s.ttft_ms,
+        total_ms: s.total_ms,
+        tokens_per_s: s.tokens_per_s,
+        target_busy_ms: s.target_busy_ms,
+        target_idle_ms: s.target_idle_ms,
+        draft_busy_ms: s.draft_busy_ms,
+        draft_idle_ms: s.draft_idle_ms,
+        gamma_mean: s.gamma_mean,
+        k_hist: s
+            .k_rounds
+            .iter()
+            .map(|(k, n)| (*k as usize, *n as usize))
+            .collect(),
+        ..Stats::default()
+    }
+}

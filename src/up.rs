@@ -1,0 +1,211 @@
+//! `duo up`: the three services as local processes on loopback, with the
+//! bundled pair; stops them on Ctrl-C (or after `--demo`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::ModelArgs;
+use crate::client::Remote;
+
+#[derive(Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub models: ModelArgs,
+    /// Orchestrator port; the target uses PORT+1, draft workers PORT+2...
+    #[arg(long, default_value_t = 50051)]
+    pub port: u16,
+    /// Number of draft workers.
+    #[arg(long, default_value_t = 1)]
+    pub drafts: usize,
+    /// Stream one generation of this prompt, then stop everything.
+    #[arg(long)]
+    pub demo: Option<String>,
+    /// Tokens for --demo.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+}
+
+/// Child processes, stopped (SIGTERM, then kill) when dropped.
+pub struct Deployment {
+    children: Vec<(String, Child)>,
+    pub endpoint: String,
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for (name, child) in &mut self.children {
+            #[cfg(unix)]
+            {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(child.id().to_string())
+                    .status();
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+                eprintln!("{name} did not stop in time: killed");
+            }
+        }
+    }
+}
+
+/// The service binaries live next to `duo` (same cargo target folder).
+fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("duo has no parent folder")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build the services first with `cargo build --release --workspace` (or the same profile as duo)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn spawn(name: &str, args: &[String], log: bool) -> anyhow::Result<(String, Child)> {
+    let mut cmd = Command::new(binary(name)?);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env(
+            "RUST_LOG",
+            if log {
+                "info,ort=warn"
+            } else {
+                "warn,ort=error"
+            },
+        );
+    }
+    let child = cmd
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok((name.to_string(), child))
+}
+
+/// Starts target, draft workers and orchestrator; returns when the
+/// orchestrator answers `Info` (the target is loaded and compatible).
+pub fn start(m: &ModelArgs, port: u16, drafts: usize, log: bool) -> anyhow::Result<Deployment> {
+    let cfg = m.config();
+    let path = |p: &Path| p.display().to_string();
+    let mut children = Vec::new();
+    let target_addr = format!("127.0.0.1:{}", port + 1);
+    let mut common = Vec::new();
+    if let Some(lib) = &m.ort_lib {
+        common.extend(["--ort-lib".to_string(), path(lib)]);
+    }
+    let mut t = vec![
+        "--listen".into(),
+        target_addr.clone(),
+        "--model".into(),
+        path(&cfg.target),
+        "--tokenizer".into(),
+        path(&cfg.tokenizer),
+        "--device".into(),
+        cfg.target_device.to_string(),
+        "--threads".into(),
+        cfg.target_threads.to_string(),
+    ];
+    t.extend(common.clone());
+    children.push(spawn("target-service", &t, log)?);
+    let mut draft_addrs = Vec::new();
+    for i in 0..drafts {
+        let addr = format!("127.0.0.1:{}", port + 2 + i as u16);
+        let mut d = vec![
+            "--listen".into(),
+            addr.clone(),
+            "--model".into(),
+            path(&cfg.draft),
+            "--tokenizer".into(),
+            path(&cfg.tokenizer),
+            "--threads".into(),
+            cfg.draft_threads.to_string(),
+        ];
+        d.extend(common.clone());
+        children.push(spawn("draft-service", &d, log)?);
+        draft_addrs.push(format!("http://{addr}"));
+    }
+    let endpoint = format!("127.0.0.1:{port}");
+    let mut o = vec![
+        "--listen".into(),
+        endpoint.clone(),
+        "--target".into(),
+        format!("http://{target_addr}"),
+        "--tokenizer".into(),
+        path(&cfg.tokenizer),
+    ];
+    for d in &draft_addrs {
+        o.extend(["--draft".into(), d.clone()]);
+    }
+    children.push(spawn("orchestrator", &o, log)?);
+    let mut dep = Deployment { children, endpoint };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (name, child) in &mut dep.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("{name} exited during start-up ({status}); run it by hand to see why");
+            }
+        }
+        if let Ok(mut r) = Remote::connect(&dep.endpoint)
+            && r.info().is_ok()
+        {
+            return Ok(dep);
+        }
+        if Instant::now() > deadline {
+            bail!("the services did not become ready within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn run(a: UpArgs) -> anyhow::Result<()> {
+    let dep = start(&a.models, a.port, a.drafts, a.demo.is_none())?;
+    eprintln!(
+        "orchestrator ready at {} (target on port {}, {} draft worker(s) from port {})",
+        dep.endpoint,
+        a.port + 1,
+        a.drafts,
+        a.port + 2
+    );
+    if let Some(prompt) = a.demo {
+        let mut r = Remote::connect(&dep.endpoint)?;
+        let params = duo_core::engine::GenerateParams {
+            max_new_tokens: a.max_new_tokens,
+            ..Default::default()
+        };
+        print!("{prompt}");
+        let g = r.generate(crate::client::Prompt::Text(prompt), &params, |t| {
+            use std::io::Write;
+            print!("{t}");
+            let _ = std::io::stdout().flush();
+        })?;
+        println!();
+        eprintln!("{}", crate::stats_line(&g));
+        eprintln!("stopping the services");
+        return Ok(());
+    }
+    eprintln!("press Ctrl-C to stop");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    eprintln!("stopping the services");
+    drop(dep);
+    Ok(())
+}
