@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Write a bar chart (SVG) here.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// Also run the modes through a running orchestrator (e.g. 127.0.0.1:50051)
+    /// and report `grpc_over_embedded`.
+    #[arg(long)]
+    endpoint: Option<String>,
 }
 
 struct Prompt {
@@ -234,6 +238,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut per_category: std::collections::BTreeMap<String, Vec<ModeTotals>> = Default::default();
     let (mut divergences, mut near_ties) = (0usize, 0usize);
     let mut divergence_notes = Vec::new();
+    let mut ar_outputs: Vec<Vec<u32>> = Vec::new();
     for (i, pr) in prompts.iter().enumerate() {
         let mut outs: Vec<Generation> = Vec::new();
         for (mi, m) in modes.iter().enumerate() {
@@ -245,6 +250,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .add(&g);
             outs.push(g);
         }
+        ar_outputs.push(outs[0].tokens.clone());
         for (mi, g) in outs.iter().enumerate().skip(1) {
             if g.tokens != outs[0].tokens {
                 divergences += 1;
@@ -279,6 +285,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             outs[2].stats.mean_accepted
         );
     }
+    let grpc = match &args.endpoint {
+        Some(endpoint) => Some(run_grpc(endpoint, &args, &prompts, &ar_outputs, &modes)?),
+        None => None,
+    };
     let (ar, sps, duo) = (&totals[0], &totals[1], &totals[2]);
     let ar_ms_per_token = ar.total_ms / ar.tokens.max(1) as f64;
     let duo_target_ms_per_round = duo.target_busy_ms / duo.rounds.max(1) as f64;
@@ -306,6 +316,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "duo_mean_accepted": t[2].mean_accepted(),
         }))).collect::<serde_json::Map<_, _>>(),
         "divergences": divergence_notes,
+        "grpc": grpc.as_ref().map(|(t, identical)| json!({
+            "endpoint": args.endpoint,
+            "autoregressive": t[0].summary(),
+            "speculative": t[1].summary(),
+            "duodecoding": t[2].summary(),
+            "identical_to_in_process_autoregressive": identical,
+        })),
     });
     let headline = json!({
         "duo_over_ar": duo_over_ar,
@@ -326,6 +343,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "duo_draft_idle_fraction": duo.draft_idle_ms / duo.total_ms.max(1e-9),
         "prompts": prompts.len(),
     });
+    let mut headline = headline;
+    if let Some((t, identical)) = &grpc {
+        headline["grpc_over_embedded"] = json!(t[2].tokens_per_s() / duo.tokens_per_s());
+        headline["grpc_duo_over_ar"] = json!(t[2].tokens_per_s() / t[0].tokens_per_s());
+        headline["grpc_identical"] = json!(identical);
+    }
     println!("{}", serde_json::to_string_pretty(&report)?);
     if let Some(path) = &args.out {
         let mut full = report.clone();
@@ -411,4 +434,48 @@ fn svg(modes: &[(&str, &ModeTotals)], ar2: Option<&ModeTotals>) -> String {
         }
     }
     s + "</svg>\n"
+}
+
+/// The three modes through a running orchestrator; returns per-mode totals
+/// and whether every output equalled the in-process autoregressive one.
+fn run_grpc(
+    endpoint: &str,
+    args: &BenchArgs,
+    prompts: &[Prompt],
+    ar_outputs: &[Vec<u32>],
+    modes: &[Mode; 3],
+) -> anyhow::Result<(Vec<ModeTotals>, bool)> {
+    let mut remote = crate::client::Remote::connect(endpoint)?;
+    for m in modes {
+        remote.generate(
+            crate::client::Prompt::Ids(prompts[0].ids.clone()),
+            &params(args, *m),
+            |_| {},
+        )?;
+    }
+    let mut totals = vec![ModeTotals::default(); 3];
+    let mut identical = true;
+    for (i, pr) in prompts.iter().enumerate() {
+        for (mi, m) in modes.iter().enumerate() {
+            let g = remote.generate(
+                crate::client::Prompt::Ids(pr.ids.clone()),
+                &params(args, *m),
+                |_| {},
+            )?;
+            if g.tokens != ar_outputs[i] {
+                identical = false;
+                eprintln!("prompt {i}: {m} over gRPC differs from in-process autoregressive");
+            }
+            totals[mi].add(&g);
+        }
+        eprintln!(
+            "[grpc {}/{}] ar {:>6.1}  sps {:>6.1}  duo {:>6.1} tok/s",
+            i + 1,
+            prompts.len(),
+            totals[0].tokens_per_s(),
+            totals[1].tokens_per_s(),
+            totals[2].tokens_per_s()
+        );
+    }
+    Ok((totals, identical))
 }

@@ -1,0 +1,286 @@
+//! draft-service: the CPU draft worker. Holds the draft model (ONNX Runtime,
+//! CPU) and one KV cache per session; drafts token trees on request.
+//!
+//! A session is one bidirectional `Draft/Session` stream: `OpenDraft`, then
+//! `DraftJob`s. Closing the stream frees the session.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use clap::Parser;
+use duo_core::engine::{DraftJob, Drafter};
+use duo_core::runtime::{CausalLm, Device, ModelOptions, RuntimeError};
+use duo_core::spec::policy::{BranchPolicy, MAX_BRANCHES};
+use duo_core::tokenizer::Tokenizer;
+use duo_rpc::convert::{model_to_pb, sync_from_pb, tree_to_pb};
+use duo_rpc::pb::draft_server::{Draft, DraftServer};
+use duo_rpc::pb::{self, draft_reply, draft_request};
+use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "draft-service",
+    version,
+    about = "DuoDecoding CPU draft worker"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Draft model: folder with model.onnx (+ config.json) or an .onnx file.
+    #[arg(long, env = "DUO_DRAFT_MODEL")]
+    pub model: PathBuf,
+    /// tokenizer.json shared with the target (its fingerprint is checked per session).
+    #[arg(long, env = "DUO_TOKENIZER")]
+    pub tokenizer: PathBuf,
+    /// ONNX Runtime intra-op threads.
+    #[arg(long, env = "DUO_THREADS", default_value_t = 1)]
+    pub threads: usize,
+    /// Most sessions held at once (RESOURCE_EXHAUSTED beyond).
+    #[arg(long, env = "DUO_MAX_SESSIONS", default_value_t = 64)]
+    pub max_sessions: usize,
+    /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the build's .ort/).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+struct Loaded {
+    lm: Mutex<CausalLm>,
+    info: pb::WorkerInfo,
+}
+
+#[derive(Clone)]
+struct DraftService {
+    loaded: Arc<OnceLock<Loaded>>,
+    limiter: SessionLimiter,
+}
+
+impl DraftService {
+    fn loaded(&self) -> Result<&Loaded, Status> {
+        self.loaded
+            .get()
+            .ok_or_else(|| Status::unavailable("draft-service is still loading its model"))
+    }
+
+    fn worker_info(&self, loaded: &Loaded) -> pb::WorkerInfo {
+        pb::WorkerInfo {
+            sessions_open: self.limiter.open() as u32,
+            ..loaded.info.clone()
+        }
+    }
+}
+
+fn runtime_status(e: RuntimeError) -> Status {
+    match e {
+        RuntimeError::Invalid(m) => Status::invalid_argument(m),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// Checks a job from the wire; the message says what to fix.
+fn check_job(job: &pb::DraftJob, vocab: usize) -> Result<DraftJob, Status> {
+    if !(1..=64).contains(&job.gamma) {
+        return Err(Status::invalid_argument(format!(
+            "gamma must be in 1..=64, got {}",
+            job.gamma
+        )));
+    }
+    if !(1..=MAX_BRANCHES as u32).contains(&job.max_branches) {
+        return Err(Status::invalid_argument(format!(
+            "max_branches must be in 1..={MAX_BRANCHES}, got {}",
+            job.max_branches
+        )));
+    }
+    let sync = job.sync.as_ref().map(sync_from_pb).unwrap_or_default();
+    if let Some(&t) = sync.append.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Status::invalid_argument(format!(
+            "token id {t} is outside the vocabulary (size {vocab})"
+        )));
+    }
+    Ok(DraftJob {
+        sync,
+        gamma: job.gamma as usize,
+        policy: BranchPolicy::new(job.max_branches as usize),
+    })
+}
+
+#[tonic::async_trait]
+impl Draft for DraftService {
+    type SessionStream = ReceiverStream<Result<pb::DraftReply, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::DraftRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        self.loaded()?;
+        let slot = self.limiter.try_open("draft-service")?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let Ok(loaded) = svc.loaded() else { return };
+            let vocab = loaded
+                .info
+                .model
+                .as_ref()
+                .map_or(0, |m| m.vocab_size as usize);
+            let mut drafter: Option<Drafter> = None;
+            while let Some(msg) = inbound.next().await {
+                let reply = match msg.map(|m| m.kind) {
+                    Err(_) => break, // the client went away
+                    Ok(None) => Err(Status::invalid_argument(
+                        "empty DraftRequest: set open or draft",
+                    )),
+                    Ok(Some(draft_request::Kind::Open(open))) => {
+                        open_session(&svc, loaded, &open, &mut drafter)
+                    }
+                    Ok(Some(draft_request::Kind::Draft(job))) => {
+                        match (drafter.take(), check_job(&job, vocab)) {
+                            (None, _) => Err(Status::failed_precondition(
+                                "send OpenDraft before drafting",
+                            )),
+                            (Some(d), Err(e)) => {
+                                drafter = Some(d);
+                                Err(e)
+                            }
+                            (Some(mut d), Ok(job)) => {
+                                let svc2 = svc.clone();
+                                let done = tokio::task::spawn_blocking(move || {
+                                    let res = match svc2.loaded() {
+                                        Ok(l) => {
+                                            let mut lm =
+                                                l.lm.lock().unwrap_or_else(|p| p.into_inner());
+                                            d.draft(&mut lm, &job).map_err(runtime_status)
+                                        }
+                                        Err(e) => Err(e),
+                                    };
+                                    (d, res)
+                                })
+                                .await;
+                                match done {
+                                    Ok((d, res)) => {
+                                        drafter = Some(d);
+                                        res.map(|tree| pb::DraftReply {
+                                            kind: Some(draft_reply::Kind::Tree(tree_to_pb(&tree))),
+                                        })
+                                    }
+                                    Err(e) => {
+                                        Err(Status::internal(format!("drafting task failed: {e}")))
+                                    }
+                                }
+                            }
+                        }
+                    }
+                };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+            tracing::debug!("draft session closed");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn describe(
+        &self,
+        _: Request<pb::DescribeRequest>,
+    ) -> Result<Response<pb::WorkerInfo>, Status> {
+        let loaded = self.loaded()?;
+        Ok(Response::new(self.worker_info(loaded)))
+    }
+}
+
+fn open_session(
+    svc: &DraftService,
+    loaded: &Loaded,
+    open: &pb::OpenDraft,
+    drafter: &mut Option<Drafter>,
+) -> Result<pb::DraftReply, Status> {
+    let ours = loaded.info.model.as_ref().map_or(0, |m| m.vocab_size);
+    if open.vocab_size != ours || open.tokenizer_fingerprint != loaded.info.tokenizer_fingerprint {
+        return Err(Status::failed_precondition(format!(
+            "incompatible draft worker: it has vocabulary {ours} / tokenizer {} but the caller has {} / {}; draft and target must share one tokenizer",
+            loaded.info.tokenizer_fingerprint, open.vocab_size, open.tokenizer_fingerprint
+        )));
+    }
+    let lm = loaded.lm.lock().unwrap_or_else(|p| p.into_inner());
+    *drafter = Some(Drafter::new(&lm).map_err(runtime_status)?);
+    Ok(pb::DraftReply {
+        kind: Some(draft_reply::Kind::Opened(svc.worker_info(loaded))),
+    })
+}
+
+/// Serves on `listener` until `shutdown` resolves (then drains and returns).
+pub async fn serve(
+    args: Args,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_not_serving::<DraftServer<DraftService>>()
+        .await;
+    let svc = DraftService {
+        loaded: Arc::new(OnceLock::new()),
+        limiter: SessionLimiter::new(args.max_sessions),
+    };
+    tracing::info!(listen = ?listener.local_addr().ok(), "draft-service listening (loading model)");
+    let loader = {
+        let svc = svc.clone();
+        let args_model = args.model.clone();
+        let tok_path = args.tokenizer.clone();
+        let opts = ModelOptions {
+            device: Device::Cpu,
+            intra_threads: args.threads,
+            ort_lib: args.ort_lib.clone(),
+        };
+        let max = args.max_sessions as u32;
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let tok = Tokenizer::from_file(&tok_path).map_err(|e| e.to_string())?;
+            let lm = CausalLm::load(&args_model, &opts).map_err(|e| e.to_string())?;
+            let info = pb::WorkerInfo {
+                role: "draft".into(),
+                model: Some(model_to_pb(lm.info())),
+                tokenizer_fingerprint: tok.fingerprint(),
+                devices: vec!["cpu".into()],
+                sessions_open: 0,
+                max_sessions: max,
+                version: env!("CARGO_PKG_VERSION").into(),
+            };
+            let _ = svc.loaded.set(Loaded {
+                lm: Mutex::new(lm),
+                info,
+            });
+            Ok(())
+        })
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection()?)
+        .add_service(DraftServer::new(svc.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        );
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        res = &mut server => return res.map_err(|e| format!("server: {e}")),
+        loaded = loader => {
+            loaded.map_err(|e| format!("loading task: {e}"))??;
+        }
+    }
+    health_reporter
+        .set_serving::<DraftServer<DraftService>>()
+        .await;
+    tracing::info!("draft-service serving");
+    server.await.map_err(|e| format!("server: {e}"))?;
+    health_reporter
+        .set_not_serving::<DraftServer<DraftService>>()
+        .await;
+    Ok(())
+}

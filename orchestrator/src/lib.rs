@@ -1,0 +1,489 @@
+//! orchestrator: the public gRPC endpoint. Owns the tokenizer, opens one
+//! session on the target-service and one on a draft-service per generation,
+//! and runs the core's speculative loop across both (the same loop the
+//! in-process engine runs), streaming verified text to the client.
+
+mod remote;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use duo_core::engine::session::{self, GenerateParams, Limits};
+use duo_core::engine::{DraftSide, EngineError, Generation, Mode};
+use duo_core::sampling::SamplingParams;
+use duo_core::spec::budget::{BudgetConfig, BudgetController};
+use duo_core::tokenizer::Tokenizer;
+use duo_rpc::convert::{finish_to_pb, mode_from_pb, stats_to_pb};
+use duo_rpc::pb::draft_client::DraftClient;
+use duo_rpc::pb::generation_server::{Generation as GenerationApi, GenerationServer};
+use duo_rpc::pb::target_client::TargetClient;
+use duo_rpc::pb::{self, generate_request};
+use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection};
+use remote::{RemoteDraft, RemoteTarget};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+/// Most stop sequences per request, and their longest length in bytes.
+const MAX_STOP_SEQUENCES: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "orchestrator",
+    version,
+    about = "DuoDecoding orchestrator: public gRPC endpoint"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// target-service address, e.g. http://127.0.0.1:50052.
+    #[arg(long, env = "DUO_TARGET")]
+    pub target: String,
+    /// draft-service addresses (repeat, or comma-separate in the env var).
+    #[arg(long = "draft", env = "DUO_DRAFTS", value_delimiter = ',')]
+    pub drafts: Vec<String>,
+    /// tokenizer.json (must match the workers').
+    #[arg(long, env = "DUO_TOKENIZER")]
+    pub tokenizer: PathBuf,
+    /// Most generations at once (RESOURCE_EXHAUSTED beyond).
+    #[arg(long, env = "DUO_MAX_GENERATIONS", default_value_t = 64)]
+    pub max_generations: usize,
+}
+
+struct DraftWorker {
+    address: String,
+    client: DraftClient<Channel>,
+    active: AtomicUsize,
+}
+
+struct State {
+    tokenizer: Tokenizer,
+    fingerprint: String,
+    target: TargetClient<Channel>,
+    drafts: Vec<DraftWorker>,
+    limits: Mutex<Option<Limits>>,
+    budget: Mutex<BudgetController>,
+    limiter: SessionLimiter,
+}
+
+#[derive(Clone)]
+struct Orchestrator(Arc<State>);
+
+fn engine_status(e: EngineError) -> Status {
+    match e {
+        EngineError::Invalid(m) => Status::invalid_argument(m),
+        EngineError::Unavailable(side, m) => {
+            Status::unavailable(format!("{side} unavailable: {m}"))
+        }
+        EngineError::Cancelled => Status::cancelled("generation cancelled"),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+impl Orchestrator {
+    /// Model limits, learned from the target on first use.
+    async fn limits(&self) -> Result<Limits, Status> {
+        if let Some(l) = *self.0.limits.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(l);
+        }
+        let info = self
+            .0
+            .target
+            .clone()
+            .describe(pb::DescribeRequest {})
+            .await
+            .map_err(|s| {
+                Status::unavailable(format!("target-service unavailable: {}", s.message()))
+            })?
+            .into_inner();
+        check_worker(&self.0, &info)?;
+        let model = info.model.unwrap_or_default();
+        let limits = Limits {
+            context_len: if model.context_len == 0 {
+                2048
+            } else {
+                model.context_len as usize
+            },
+            vocab_size: model.vocab_size as usize,
+            eos: self.0.tokenizer.eos_id(),
+        };
+        *self.0.limits.lock().unwrap_or_else(|p| p.into_inner()) = Some(limits);
+        Ok(limits)
+    }
+
+    /// Turns a request into the core's parameters and prompt ids.
+    fn parse(&self, req: &pb::GenerateRequest) -> Result<(Vec<u32>, GenerateParams), Status> {
+        let prompt = match &req.prompt {
+            Some(generate_request::Prompt::Text(t)) => {
+                if t.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "the prompt is empty: give text or token ids",
+                    ));
+                }
+                self.0
+                    .tokenizer
+                    .encode(t)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?
+            }
+            Some(generate_request::Prompt::TokenIds(ids)) => ids.ids.clone(),
+            None => {
+                return Err(Status::invalid_argument(
+                    "no prompt: set `text` or `token_ids`",
+                ));
+            }
+        };
+        let mode = mode_from_pb(req.mode).map_err(Status::invalid_argument)?;
+        if req.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(Status::invalid_argument(format!(
+                "{} stop sequences given; at most {MAX_STOP_SEQUENCES} are allowed",
+                req.stop.len()
+            )));
+        }
+        if let Some(s) = req.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(Status::invalid_argument(format!(
+                "a stop sequence of {} bytes is too long (at most {MAX_STOP_BYTES})",
+                s.len()
+            )));
+        }
+        let top_p = req.top_p.unwrap_or(1.0);
+        let params = GenerateParams {
+            max_new_tokens: req.max_new_tokens as usize,
+            sampling: SamplingParams {
+                temperature: req.temperature,
+                top_k: req.top_k as usize,
+                top_p,
+            },
+            seed: req.seed,
+            stop: req.stop.clone(),
+            mode,
+            gamma: req.gamma.map(|g| g as usize),
+            max_branches: req.max_branches.map_or(4, |b| b as usize),
+            logprobs: req.logprobs,
+        };
+        Ok((prompt, params))
+    }
+
+    /// The draft worker with the fewest generations from this orchestrator.
+    fn pick_draft(&self) -> Option<usize> {
+        (0..self.0.drafts.len()).min_by_key(|&i| self.0.drafts[i].active.load(Ordering::Relaxed))
+    }
+
+    /// Runs one generation; `chunks` (if any) receives the stream.
+    async fn run(
+        &self,
+        req: pb::GenerateRequest,
+        chunks: Option<mpsc::Sender<Result<pb::GenerateChunk, Status>>>,
+    ) -> Result<(Generation, String), Status> {
+        let slot = self.0.limiter.try_open("orchestrator")?;
+        let limits = self.limits().await?;
+        let (prompt, params) = self.parse(&req)?;
+        session::validate(&prompt, &params, &limits).map_err(engine_status)?;
+        let st = &self.0;
+        let (target, _) = RemoteTarget::open(
+            st.target.clone(),
+            pb::OpenTarget {
+                vocab_size: limits.vocab_size as u32,
+                tokenizer_fingerprint: st.fingerprint.clone(),
+                temperature: params.sampling.temperature,
+                top_k: params.sampling.top_k as u32,
+                top_p: params.sampling.top_p,
+                seed: params.seed,
+                logprobs: params.logprobs,
+            },
+        )
+        .await
+        .map_err(|s| remote_status("target-service", s))?;
+        let mut draft_name = String::new();
+        let draft = if params.mode == Mode::Autoregressive {
+            None
+        } else {
+            let Some(wi) = self.pick_draft() else {
+                return Err(Status::unavailable(
+                    "no draft worker configured: start a draft-service and pass --draft, or use MODE_AUTOREGRESSIVE",
+                ));
+            };
+            let worker = &st.drafts[wi];
+            worker.active.fetch_add(1, Ordering::Relaxed);
+            let opened = RemoteDraft::open(
+                worker.client.clone(),
+                pb::OpenDraft {
+                    vocab_size: limits.vocab_size as u32,
+                    tokenizer_fingerprint: st.fingerprint.clone(),
+                },
+            )
+            .await;
+            let opened = match opened {
+                Ok((d, _)) => d,
+                Err(s) => {
+                    worker.active.fetch_sub(1, Ordering::Relaxed);
+                    return Err(remote_status("draft-service", s));
+                }
+            };
+            draft_name = worker.address.clone();
+            Some((opened, wi))
+        };
+        let budget = st.budget.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let this = self.clone();
+        let worker_name = draft_name.clone();
+        let (gen_result, failure, budget) = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let mut target = target;
+            let mut budget = budget;
+            let (mut draft, worker) = match draft {
+                Some((d, w)) => (Some(d), Some(w)),
+                None => (None, None),
+            };
+            let mut sink = |text: &str, ids: &[u32], logprobs: &[f32]| match &chunks {
+                Some(tx) => tx
+                    .blocking_send(Ok(pb::GenerateChunk {
+                        text: text.to_string(),
+                        token_ids: ids.to_vec(),
+                        logprobs: logprobs.to_vec(),
+                        r#final: None,
+                    }))
+                    .is_ok(),
+                None => true,
+            };
+            let st = &this.0;
+            let res = session::run(
+                &mut target,
+                draft.as_mut().map(|d| d as &mut dyn DraftSide),
+                &st.tokenizer,
+                &limits,
+                &mut budget,
+                prompt,
+                &params,
+                &mut sink,
+            );
+            if let Some(wi) = worker {
+                st.drafts[wi].active.fetch_sub(1, Ordering::Relaxed);
+            }
+            let failure = target
+                .failure
+                .0
+                .take()
+                .or_else(|| draft.as_mut().and_then(|d| d.failure.0.take()));
+            (res, failure, budget)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("generation task failed: {e}")))?;
+        *st.budget.lock().unwrap_or_else(|p| p.into_inner()) = budget;
+        match (gen_result, failure) {
+            (Ok(g), _) => Ok((g, worker_name)),
+            (Err(_), Some(s)) => Err(remote_status(
+                if s.message().contains("draft") {
+                    "draft-service"
+                } else {
+                    "target-service"
+                },
+                s,
+            )),
+            (Err(e), None) => Err(engine_status(e)),
+        }
+    }
+}
+
+/// A worker's failure as the client should see it: its own status for bad
+/// input, UNAVAILABLE (with what failed) otherwise.
+fn remote_status(side: &str, s: Status) -> Status {
+    match s.code() {
+        tonic::Code::InvalidArgument
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::ResourceExhausted => s,
+        _ => Status::unavailable(format!("{side} unavailable: {}", s.message())),
+    }
+}
+
+/// Refuses a worker whose vocabulary or tokenizer differs from ours.
+fn check_worker(st: &State, info: &pb::WorkerInfo) -> Result<(), Status> {
+    let vocab = info.model.as_ref().map_or(0, |m| m.vocab_size as usize);
+    if info.tokenizer_fingerprint != st.fingerprint || vocab < st.tokenizer.vocab_size() {
+        return Err(Status::failed_precondition(format!(
+            "incompatible {} worker: vocabulary {vocab}, tokenizer {}; the orchestrator's tokenizer has {} tokens, fingerprint {}. Draft, target and orchestrator must share one tokenizer.json",
+            info.role,
+            info.tokenizer_fingerprint,
+            st.tokenizer.vocab_size(),
+            st.fingerprint
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl GenerationApi for Orchestrator {
+    type GenerateStreamStream = ReceiverStream<Result<pb::GenerateChunk, Status>>;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let (g, worker) = self.run(request.into_inner(), None).await?;
+        Ok(Response::new(pb::GenerateResponse {
+            text: g.text,
+            token_ids: g.tokens,
+            logprobs: g.logprobs,
+            finish_reason: finish_to_pb(g.finish_reason) as i32,
+            stats: Some(stats_to_pb(&g.stats, &worker)),
+        }))
+    }
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        let req = request.into_inner();
+        tokio::spawn(async move {
+            let last = match this.run(req, Some(tx.clone())).await {
+                Ok((g, worker)) => Ok(pb::GenerateChunk {
+                    text: String::new(),
+                    token_ids: Vec::new(),
+                    logprobs: Vec::new(),
+                    r#final: Some(pb::Final {
+                        finish_reason: finish_to_pb(g.finish_reason) as i32,
+                        stats: Some(stats_to_pb(&g.stats, &worker)),
+                    }),
+                }),
+                Err(s) => Err(s),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let st = &self.0;
+        let target = st
+            .target
+            .clone()
+            .describe(pb::DescribeRequest {})
+            .await
+            .map_err(|s| {
+                Status::unavailable(format!("target-service unavailable: {}", s.message()))
+            })?
+            .into_inner();
+        let mut drafts = Vec::new();
+        for w in &st.drafts {
+            if let Ok(info) = w.client.clone().describe(pb::DescribeRequest {}).await {
+                drafts.push(info.into_inner());
+            }
+        }
+        let limits = self.limits().await?;
+        Ok(Response::new(pb::InfoResponse {
+            target: Some(target),
+            drafts,
+            vocab_size: limits.vocab_size as u32,
+            tokenizer_fingerprint: st.fingerprint.clone(),
+            capabilities: vec![
+                "mode:duodecoding".into(),
+                "mode:speculative".into(),
+                "mode:autoregressive".into(),
+                "sampling:temperature,top_k,top_p,seed".into(),
+                "stop_sequences".into(),
+                "logprobs".into(),
+                "streaming".into(),
+            ],
+            context_len: limits.context_len as u32,
+        }))
+    }
+}
+
+fn endpoint(address: &str) -> Result<Endpoint, String> {
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    Endpoint::from_shared(uri)
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(20))
+        })
+        .map_err(|e| format!("bad address {address:?}: {e}"))
+}
+
+/// Serves on `listener` until `shutdown` resolves (then drains and returns).
+pub async fn serve(
+    args: Args,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let tokenizer = Tokenizer::from_file(&args.tokenizer).map_err(|e| e.to_string())?;
+    let drafts = args
+        .drafts
+        .iter()
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            Ok(DraftWorker {
+                address: d.clone(),
+                client: DraftClient::new(endpoint(d)?.connect_lazy()),
+                active: AtomicUsize::new(0),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let state = Arc::new(State {
+        fingerprint: tokenizer.fingerprint(),
+        tokenizer,
+        target: TargetClient::new(endpoint(&args.target)?.connect_lazy()),
+        drafts,
+        limits: Mutex::new(None),
+        budget: Mutex::new(BudgetController::new(BudgetConfig::default())),
+        limiter: SessionLimiter::new(args.max_generations),
+    });
+    let svc = Orchestrator(state);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_not_serving::<GenerationServer<Orchestrator>>()
+        .await;
+    tracing::info!(listen = ?listener.local_addr().ok(), target = %args.target, drafts = ?args.drafts, "orchestrator listening");
+    // SERVING once the target answers and matches our tokenizer.
+    let ready = {
+        let svc = svc.clone();
+        let reporter = health_reporter.clone();
+        async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match svc.limits().await {
+                    Ok(_) => {
+                        reporter
+                            .set_serving::<GenerationServer<Orchestrator>>()
+                            .await;
+                        tracing::info!("orchestrator serving");
+                        return;
+                    }
+                    Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                        tracing::error!("{}", s.message());
+                    }
+                    Err(s) => tracing::debug!("waiting for target-service: {}", s.message()),
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    tokio::spawn(ready);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection()?)
+        .add_service(GenerationServer::new(svc))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|e| format!("server: {e}"))?;
+    health_reporter
+        .set_not_serving::<GenerationServer<Orchestrator>>()
+        .await;
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! target-service: the GPU target worker. Holds the target model (ONNX
+//! Runtime with the CUDA execution provider, or CPU) and one KV cache per
+//! session; verifies drafts next to the logits.
+//!
+//! A session is one bidirectional `Target/Session` stream: `OpenTarget`
+//! (sampling settings and seed: the session's random draws happen here),
+//! then `Verify` requests. Closing the stream frees the session.
+
+pub mod devices;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use clap::Parser;
+use duo_core::engine::Verifier;
+use duo_core::runtime::{CausalLm, Device, ModelOptions, RuntimeError};
+use duo_core::sampling::{Rng, SamplingParams, rng_from_seed};
+use duo_core::tokenizer::Tokenizer;
+use duo_rpc::convert::model_to_pb;
+use duo_rpc::pb::target_server::{Target, TargetServer};
+use duo_rpc::pb::{self, target_reply, target_request};
+use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "target-service",
+    version,
+    about = "DuoDecoding GPU target worker"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Target model: folder with model.onnx (+ config.json) or an .onnx file.
+    #[arg(long, env = "DUO_TARGET_MODEL")]
+    pub model: PathBuf,
+    /// tokenizer.json shared with the draft (its fingerprint is checked per session).
+    #[arg(long, env = "DUO_TOKENIZER")]
+    pub tokenizer: PathBuf,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda` and the onnxruntime-gpu library).
+    #[arg(long, env = "DUO_DEVICE", default_value = "cpu")]
+    pub device: Device,
+    /// ONNX Runtime intra-op threads.
+    #[arg(long, env = "DUO_THREADS", default_value_t = 1)]
+    pub threads: usize,
+    /// Most sessions held at once (RESOURCE_EXHAUSTED beyond).
+    #[arg(long, env = "DUO_MAX_SESSIONS", default_value_t = 64)]
+    pub max_sessions: usize,
+    /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the build's .ort/).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+struct Loaded {
+    lm: Mutex<CausalLm>,
+    info: pb::WorkerInfo,
+}
+
+#[derive(Clone)]
+struct TargetService {
+    loaded: Arc<OnceLock<Loaded>>,
+    limiter: SessionLimiter,
+}
+
+/// One generation's target state.
+struct TargetSession {
+    verifier: Verifier,
+    sampling: SamplingParams,
+    rng: Rng,
+    logprobs: bool,
+}
+
+impl TargetService {
+    fn loaded(&self) -> Result<&Loaded, Status> {
+        self.loaded
+            .get()
+            .ok_or_else(|| Status::unavailable("target-service is still loading its model"))
+    }
+
+    fn worker_info(&self, loaded: &Loaded) -> pb::WorkerInfo {
+        pb::WorkerInfo {
+            sessions_open: self.limiter.open() as u32,
+            ..loaded.info.clone()
+        }
+    }
+}
+
+fn runtime_status(e: RuntimeError) -> Status {
+    match e {
+        RuntimeError::Invalid(m) => Status::invalid_argument(m),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn open_session(
+    svc: &TargetService,
+    loaded: &Loaded,
+    open: &pb::OpenTarget,
+) -> Result<(TargetSession, pb::TargetReply), Status> {
+    let ours = loaded.info.model.as_ref().map_or(0, |m| m.vocab_size);
+    if open.vocab_size != ours || open.tokenizer_fingerprint != loaded.info.tokenizer_fingerprint {
+        return Err(Status::failed_precondition(format!(
+            "incompatible target worker: it has vocabulary {ours} / tokenizer {} but the caller has {} / {}; draft and target must share one tokenizer",
+            loaded.info.tokenizer_fingerprint, open.vocab_size, open.tokenizer_fingerprint
+        )));
+    }
+    let sampling = SamplingParams {
+        temperature: open.temperature,
+        top_k: open.top_k as usize,
+        top_p: if open.top_p == 0.0 { 1.0 } else { open.top_p },
+    };
+    sampling
+        .validate()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let lm = loaded.lm.lock().unwrap_or_else(|p| p.into_inner());
+    let session = TargetSession {
+        verifier: Verifier::new(&lm).map_err(runtime_status)?,
+        sampling,
+        rng: rng_from_seed(open.seed),
+        logprobs: open.logprobs,
+    };
+    Ok((
+        session,
+        pb::TargetReply {
+            kind: Some(target_reply::Kind::Opened(svc.worker_info(loaded))),
+        },
+    ))
+}
+
+fn check_verify(v: &pb::Verify, vocab: usize) -> Result<(), Status> {
+    if v.feed.is_empty() {
+        return Err(Status::invalid_argument(
+            "Verify.feed is empty: feed at least one token",
+        ));
+    }
+    if v.tail_len as usize >= v.feed.len() {
+        return Err(Status::invalid_argument(format!(
+            "Verify.tail_len {} must be smaller than the {} fed tokens",
+            v.tail_len,
+            v.feed.len()
+        )));
+    }
+    if let Some(&t) = v.feed.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Status::invalid_argument(format!(
+            "token id {t} is outside the vocabulary (size {vocab})"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Target for TargetService {
+    type SessionStream = ReceiverStream<Result<pb::TargetReply, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::TargetRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        self.loaded()?;
+        let slot = self.limiter.try_open("target-service")?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let Ok(loaded) = svc.loaded() else { return };
+            let vocab = loaded
+                .info
+                .model
+                .as_ref()
+                .map_or(0, |m| m.vocab_size as usize);
+            let mut session: Option<TargetSession> = None;
+            while let Some(msg) = inbound.next().await {
+                let reply = match msg.map(|m| m.kind) {
+                    Err(_) => break, // the client went away
+                    Ok(None) => Err(Status::invalid_argument(
+                        "empty TargetRequest: set open or verify",
+                    )),
+                    Ok(Some(target_request::Kind::Open(open))) => open_session(&svc, loaded, &open)
+                        .map(|(s, r)| {
+                            session = Some(s);
+                            r
+                        }),
+                    Ok(Some(target_request::Kind::Verify(v))) => {
+                        match (session.take(), check_verify(&v, vocab)) {
+                            (None, _) => {
+                                Err(Status::failed_precondition("send OpenTarget before Verify"))
+                            }
+                            (Some(s), Err(e)) => {
+                                session = Some(s);
+                                Err(e)
+                            }
+                            (Some(mut s), Ok(())) => {
+                                let svc2 = svc.clone();
+                                let done = tokio::task::spawn_blocking(move || {
+                                    let res = match svc2.loaded() {
+                                        Ok(l) => {
+                                            let mut lm =
+                                                l.lm.lock().unwrap_or_else(|p| p.into_inner());
+                                            let tail =
+                                                &v.feed[v.feed.len() - v.tail_len as usize..];
+                                            s.verifier
+                                                .verify(
+                                                    &mut lm,
+                                                    v.keep as usize,
+                                                    &v.feed,
+                                                    tail,
+                                                    &s.sampling,
+                                                    &mut s.rng,
+                                                    s.logprobs,
+                                                )
+                                                .map_err(runtime_status)
+                                        }
+                                        Err(e) => Err(e),
+                                    };
+                                    (s, res)
+                                })
+                                .await;
+                                match done {
+                                    Ok((s, res)) => {
+                                        session = Some(s);
+                                        res.map(|v| pb::TargetReply {
+                                            kind: Some(target_reply::Kind::Verdict(pb::Verdict {
+                                                accepted: v.verdict.accepted as u32,
+                                                next: v.verdict.next,
+                                                logprobs: v.logprobs,
+                                                fed: v.fed as u32,
+                                                secs: v.secs,
+                                            })),
+                                        })
+                                    }
+                                    Err(e) => Err(Status::internal(format!(
+                                        "verification task failed: {e}"
+                                    ))),
+                                }
+                            }
+                        }
+                    }
+                };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+            tracing::debug!("target session closed");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn describe(
+        &self,
+        _: Request<pb::DescribeRequest>,
+    ) -> Result<Response<pb::WorkerInfo>, Status> {
+        let loaded = self.loaded()?;
+        Ok(Response::new(self.worker_info(loaded)))
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves (then drains and returns).
+pub async fn serve(
+    args: Args,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_not_serving::<TargetServer<TargetService>>()
+        .await;
+    let svc = TargetService {
+        loaded: Arc::new(OnceLock::new()),
+        limiter: SessionLimiter::new(args.max_sessions),
+    };
+    tracing::info!(listen = ?listener.local_addr().ok(), device = %args.device, "target-service listening (loading model)");
+    let loader = {
+        let svc = svc.clone();
+        let model = args.model.clone();
+        let tok_path = args.tokenizer.clone();
+        let opts = ModelOptions {
+            device: args.device,
+            intra_threads: args.threads,
+            ort_lib: args.ort_lib.clone(),
+        };
+        let max = args.max_sessions as u32;
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let devices = devices::describe(opts.device)?;
+            let tok = Tokenizer::from_file(&tok_path).map_err(|e| e.to_string())?;
+            let lm = CausalLm::load(&model, &opts).map_err(|e| e.to_string())?;
+            tracing::info!(
+                provider = lm.info().provider,
+                ?devices,
+                "target model loaded"
+            );
+            let info = pb::WorkerInfo {
+                role: "target".into(),
+                model: Some(model_to_pb(lm.info())),
+                tokenizer_fingerprint: tok.fingerprint(),
+                devices,
+                sessions_open: 0,
+                max_sessions: max,
+                version: env!("CARGO_PKG_VERSION").into(),
+            };
+            let _ = svc.loaded.set(Loaded {
+                lm: Mutex::new(lm),
+                info,
+            });
+            Ok(())
+        })
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection()?)
+        .add_service(TargetServer::new(svc.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        );
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        res = &mut server => return res.map_err(|e| format!("server: {e}")),
+        loaded = loader => {
+            loaded.map_err(|e| format!("loading task: {e}"))??;
+        }
+    }
+    health_reporter
+        .set_serving::<TargetServer<TargetService>>()
+        .await;
+    tracing::info!("target-service serving");
+    server.await.map_err(|e| format!("server: {e}"))?;
+    health_reporter
+        .set_not_serving::<TargetServer<TargetService>>()
+        .await;
+    Ok(())
+}
