@@ -244,5 +244,11 @@ def run(here: pathlib.Path, work: pathlib.Path, target: Llama, draft: Llama, hel
     results["samples"] = [{"prompt": prompts_text[i], "target_greedy": tk.decode(conts[i])} for i in range(3)]
     results["val_perplexity"] = {"target": float(np.exp(timings.get("target_val_loss", 0))),
                                  "draft": float(np.exp(timings.get("draft_val_loss", 0)))}
+    import platform
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.machine())
+    import os
+    results["machine"] = f"{cpu}, {os.cpu_count()} cores"
     (here / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     log(f"bar: {json.dumps(results['bar'])}")
+    from . import card
+    card.render(here)
