@@ -33,6 +33,20 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Start target-service, draft-service and orchestrator locally (Ctrl-C stops them).
     Up(up::UpArgs),
+    /// Greedy autoregressive tokens/s of each model through the Rust runtime
+    /// (the same loop the model card times with Python onnxruntime).
+    BenchRuntime(RuntimeBenchArgs),
+}
+
+#[derive(Args)]
+struct RuntimeBenchArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Runs per model; the best is reported (as in the model card).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 /// Where the models are and how to run them.
@@ -142,6 +156,7 @@ fn main() {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench::run(a),
         Command::Up(a) => up::run(a),
+        Command::BenchRuntime(a) => bench_runtime(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
@@ -213,4 +228,54 @@ pub fn stats_line(g: &duo_core::engine::Generation) -> String {
         100.0 * s.draft_idle_ms / s.total_ms.max(1e-9),
         g.finish_reason,
     )
+}
+
+/// Greedy decoding loop straight on the runtime: prefill the card's first
+/// fixture prompt, then one token per forward.
+fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
+    use duo_core::runtime::{CausalLm, ModelOptions};
+    let cfg = a.models.config();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.models.models.join("fixtures/target.json"))
+            .context("reading the fixture prompt")?,
+    )?;
+    let prompt: Vec<u32> = serde_json::from_value(fixture["greedy"][0]["ids"].clone())?;
+    let card: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.models.models.join("results.json")).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    let mut report = serde_json::Map::new();
+    for (name, path) in [("target", &cfg.target), ("draft", &cfg.draft)] {
+        let opts = ModelOptions {
+            intra_threads: 1,
+            ort_lib: cfg.ort_lib.clone(),
+            ..ModelOptions::default()
+        };
+        let mut lm = CausalLm::load(path, &opts)?;
+        let mut best = 0f64;
+        for _ in 0..a.runs.max(1) {
+            let start = std::time::Instant::now();
+            let mut seq = lm.sequence()?;
+            let mut logits = lm.extend(&mut seq, &prompt)?;
+            for _ in 1..a.new_tokens {
+                let t = duo_core::sampling::argmax(logits.last());
+                logits = lm.extend(&mut seq, &[t])?;
+            }
+            best = best.max(a.new_tokens as f64 / start.elapsed().as_secs_f64());
+        }
+        let python = card[name]["python_ort_ar_tokens_per_s"].as_f64();
+        eprintln!(
+            "{name}: Rust runtime {best:.0} tokens/s; Python onnxruntime (model card) {}",
+            python.map_or("n/a".into(), |p| format!(
+                "{p:.0} tokens/s ({:.2}x)",
+                best / p
+            ))
+        );
+        report.insert(
+            name.into(),
+            serde_json::json!({"rust_tokens_per_s": best, "python_tokens_per_s": python, "rust_over_python": python.map(|p| best / p)}),
+        );
+    }
+    println!("{}", serde_json::Value::Object(report));
+    Ok(())
 }

@@ -24,12 +24,28 @@ async fn invalid_requests_are_rejected_with_a_clear_message() {
     let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
     let ctx = info.context_len;
     let cases: Vec<(&str, pb::GenerateRequest, &str)> = vec![
-        ("no prompt", pb::GenerateRequest { prompt: None, ..ok_request() }, "no prompt"),
-        ("empty text", pb::GenerateRequest { prompt: text(""), ..ok_request() }, "empty"),
+        (
+            "no prompt",
+            pb::GenerateRequest {
+                prompt: None,
+                ..ok_request()
+            },
+            "no prompt",
+        ),
+        (
+            "empty text",
+            pb::GenerateRequest {
+                prompt: text(""),
+                ..ok_request()
+            },
+            "empty",
+        ),
         (
             "empty ids",
             pb::GenerateRequest {
-                prompt: Some(generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![] })),
+                prompt: Some(generate_request::Prompt::TokenIds(pb::TokenIds {
+                    ids: vec![],
+                })),
                 ..ok_request()
             },
             "empty",
@@ -37,33 +53,135 @@ async fn invalid_requests_are_rejected_with_a_clear_message() {
         (
             "prompt too long",
             pb::GenerateRequest {
-                prompt: Some(generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![5; ctx as usize] })),
+                prompt: Some(generate_request::Prompt::TokenIds(pb::TokenIds {
+                    ids: vec![5; ctx as usize],
+                })),
                 ..ok_request()
             },
             "exceeds the model context",
         ),
-        ("max_new_tokens 0", pb::GenerateRequest { max_new_tokens: 0, ..ok_request() }, "max_new_tokens"),
-        ("max_new_tokens past context", pb::GenerateRequest { max_new_tokens: ctx, ..ok_request() }, "exceeds the model context"),
-        ("negative temperature", pb::GenerateRequest { temperature: -1.0, ..ok_request() }, "temperature"),
-        ("NaN temperature", pb::GenerateRequest { temperature: f32::NAN, ..ok_request() }, "temperature"),
-        ("infinite temperature", pb::GenerateRequest { temperature: f32::INFINITY, ..ok_request() }, "temperature"),
-        ("top_p 0", pb::GenerateRequest { top_p: Some(0.0), ..ok_request() }, "top_p"),
-        ("top_p 1.5", pb::GenerateRequest { top_p: Some(1.5), ..ok_request() }, "top_p"),
-        ("too many stops", pb::GenerateRequest { stop: vec!["x".into(); 17], ..ok_request() }, "stop sequences"),
-        ("stop too long", pb::GenerateRequest { stop: vec!["x".repeat(300)], ..ok_request() }, "too long"),
+        (
+            "max_new_tokens 0",
+            pb::GenerateRequest {
+                max_new_tokens: 0,
+                ..ok_request()
+            },
+            "max_new_tokens",
+        ),
+        (
+            "max_new_tokens past context",
+            pb::GenerateRequest {
+                max_new_tokens: ctx,
+                ..ok_request()
+            },
+            "exceeds the model context",
+        ),
+        (
+            "negative temperature",
+            pb::GenerateRequest {
+                temperature: -1.0,
+                ..ok_request()
+            },
+            "temperature",
+        ),
+        (
+            "NaN temperature",
+            pb::GenerateRequest {
+                temperature: f32::NAN,
+                ..ok_request()
+            },
+            "temperature",
+        ),
+        (
+            "infinite temperature",
+            pb::GenerateRequest {
+                temperature: f32::INFINITY,
+                ..ok_request()
+            },
+            "temperature",
+        ),
+        (
+            "top_p 0",
+            pb::GenerateRequest {
+                top_p: Some(0.0),
+                ..ok_request()
+            },
+            "top_p",
+        ),
+        (
+            "top_p 1.5",
+            pb::GenerateRequest {
+                top_p: Some(1.5),
+                ..ok_request()
+            },
+            "top_p",
+        ),
+        (
+            "too many stops",
+            pb::GenerateRequest {
+                stop: vec!["x".into(); 17],
+                ..ok_request()
+            },
+            "stop sequences",
+        ),
+        (
+            "stop too long",
+            pb::GenerateRequest {
+                stop: vec!["x".repeat(300)],
+                ..ok_request()
+            },
+            "too long",
+        ),
         (
             "token id outside vocabulary",
             pb::GenerateRequest {
-                prompt: Some(generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![1, 999_999] })),
+                prompt: Some(generate_request::Prompt::TokenIds(pb::TokenIds {
+                    ids: vec![1, 999_999],
+                })),
                 ..ok_request()
             },
             "outside the vocabulary",
         ),
-        ("unknown mode", pb::GenerateRequest { mode: 42, ..ok_request() }, "unknown mode"),
-        ("gamma 0", pb::GenerateRequest { gamma: Some(0), ..ok_request() }, "gamma"),
-        ("gamma absurd", pb::GenerateRequest { gamma: Some(100_000), ..ok_request() }, "gamma"),
-        ("branches 0", pb::GenerateRequest { max_branches: Some(0), ..ok_request() }, "max_branches"),
-        ("branches absurd", pb::GenerateRequest { max_branches: Some(99), ..ok_request() }, "max_branches"),
+        (
+            "unknown mode",
+            pb::GenerateRequest {
+                mode: 42,
+                ..ok_request()
+            },
+            "unknown mode",
+        ),
+        (
+            "gamma 0",
+            pb::GenerateRequest {
+                gamma: Some(0),
+                ..ok_request()
+            },
+            "gamma",
+        ),
+        (
+            "gamma absurd",
+            pb::GenerateRequest {
+                gamma: Some(100_000),
+                ..ok_request()
+            },
+            "gamma",
+        ),
+        (
+            "branches 0",
+            pb::GenerateRequest {
+                max_branches: Some(0),
+                ..ok_request()
+            },
+            "max_branches",
+        ),
+        (
+            "branches absurd",
+            pb::GenerateRequest {
+                max_branches: Some(99),
+                ..ok_request()
+            },
+            "max_branches",
+        ),
     ];
     for (name, req, needle) in cases {
         for streaming in [false, true] {
@@ -85,7 +203,11 @@ async fn invalid_requests_are_rejected_with_a_clear_message() {
                 client.generate(req.clone()).await.expect_err(name)
             };
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {err:?}");
-            assert!(err.message().contains(needle), "{name}: message {:?} should mention {needle:?}", err.message());
+            assert!(
+                err.message().contains(needle),
+                "{name}: message {:?} should mention {needle:?}",
+                err.message()
+            );
         }
     }
     // Still serving.

@@ -74,6 +74,14 @@ struct State {
 #[derive(Clone)]
 struct Orchestrator(Arc<State>);
 
+/// Where a generation's output goes.
+enum Output {
+    /// Chunks to a streaming client.
+    Stream(mpsc::Sender<Result<pb::GenerateChunk, Status>>),
+    /// A unary call: the receiver lives as long as the call.
+    Unary(mpsc::Sender<()>),
+}
+
 fn engine_status(e: EngineError) -> Status {
     match e {
         EngineError::Invalid(m) => Status::invalid_argument(m),
@@ -173,11 +181,14 @@ impl Orchestrator {
         (0..self.0.drafts.len()).min_by_key(|&i| self.0.drafts[i].active.load(Ordering::Relaxed))
     }
 
-    /// Runs one generation; `chunks` (if any) receives the stream.
+    /// Runs one generation. `out` receives the stream, or (unary) only
+    /// signals liveness: when its receiver is dropped — the client went away
+    /// or its deadline passed — the generation stops at the next round and
+    /// both sessions are freed.
     async fn run(
         &self,
         req: pb::GenerateRequest,
-        chunks: Option<mpsc::Sender<Result<pb::GenerateChunk, Status>>>,
+        out: Output,
     ) -> Result<(Generation, String), Status> {
         let slot = self.0.limiter.try_open("orchestrator")?;
         let limits = self.limits().await?;
@@ -238,8 +249,8 @@ impl Orchestrator {
                 Some((d, w)) => (Some(d), Some(w)),
                 None => (None, None),
             };
-            let mut sink = |text: &str, ids: &[u32], logprobs: &[f32]| match &chunks {
-                Some(tx) => tx
+            let mut sink = |text: &str, ids: &[u32], logprobs: &[f32]| match &out {
+                Output::Stream(tx) => tx
                     .blocking_send(Ok(pb::GenerateChunk {
                         text: text.to_string(),
                         token_ids: ids.to_vec(),
@@ -247,7 +258,7 @@ impl Orchestrator {
                         r#final: None,
                     }))
                     .is_ok(),
-                None => true,
+                Output::Unary(alive) => !alive.is_closed(),
             };
             let st = &this.0;
             let res = session::run(
@@ -322,7 +333,8 @@ impl GenerationApi for Orchestrator {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (g, worker) = self.run(request.into_inner(), None).await?;
+        let (alive, _alive) = mpsc::channel(1);
+        let (g, worker) = self.run(request.into_inner(), Output::Unary(alive)).await?;
         Ok(Response::new(pb::GenerateResponse {
             text: g.text,
             token_ids: g.tokens,
@@ -340,7 +352,7 @@ impl GenerationApi for Orchestrator {
         let this = self.clone();
         let req = request.into_inner();
         tokio::spawn(async move {
-            let last = match this.run(req, Some(tx.clone())).await {
+            let last = match this.run(req, Output::Stream(tx.clone())).await {
                 Ok((g, worker)) => Ok(pb::GenerateChunk {
                     text: String::new(),
                     token_ids: Vec::new(),

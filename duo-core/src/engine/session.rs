@@ -269,78 +269,97 @@ pub fn run(
         let remaining = term.remaining();
         let room = limits.context_len.saturating_sub(round.draft_context_len());
         let keep = round.target_keep();
-        let (verdict, tree) = match (params.mode, draft.as_deref_mut()) {
-            (Mode::Autoregressive, _) | (_, None) => {
-                (target.verify(keep, &round.target_feed(), &[])?, None)
-            }
+        // 1. The draft: speculative mode drafts first and waits; duodecoding
+        //    starts drafting and lets it run while the target works.
+        let mut drafted_now: Option<DraftTree> = None;
+        let mut drafting = false;
+        let round_start = Instant::now();
+        match (params.mode, draft.as_deref_mut()) {
+            (Mode::Autoregressive, _) | (_, None) => {}
             (Mode::Speculative, Some(d)) => {
                 let gamma = params
                     .gamma
                     .unwrap_or(DEFAULT_SPS_GAMMA)
                     .min(remaining.saturating_sub(1))
                     .min(room.saturating_sub(1));
-                if gamma == 0 {
-                    (target.verify(keep, &round.target_feed(), &[])?, None)
-                } else {
+                if gamma > 0 {
                     d.submit(DraftJob {
                         sync: round.draft_sync().clone(),
                         gamma,
                         policy: BranchPolicy::new(1),
                     })?;
-                    let waited = Instant::now();
                     let tree = d.collect()?;
-                    stats.target_idle_ms += waited.elapsed().as_secs_f64() * 1e3;
+                    stats.target_idle_ms += round_start.elapsed().as_secs_f64() * 1e3;
                     gamma_sum += gamma;
                     draft_rounds += 1;
                     let mut chain = tree.branches.first().cloned().unwrap_or_default();
                     chain.truncate(gamma);
                     round.set_tail(chain)?;
-                    let v = target.verify(keep, &round.target_feed(), round.tail())?;
-                    stats.draft_idle_ms += v.secs * 1e3;
                     // The chain became the tail: no branches for the next token.
-                    (
-                        v,
-                        Some(DraftTree {
-                            branches: Vec::new(),
-                            ..tree
-                        }),
-                    )
+                    drafted_now = Some(DraftTree {
+                        branches: Vec::new(),
+                        ..tree
+                    });
                 }
             }
             (Mode::Duodecoding, Some(d)) => {
-                let feed = round.target_feed();
-                let tail = round.tail().len();
                 let gamma = params
                     .gamma
-                    .unwrap_or_else(|| budget.choose_gamma(feed.len()))
-                    .min(remaining.saturating_sub(tail + 1))
+                    .unwrap_or_else(|| budget.choose_gamma(round.target_feed().len()))
+                    .min(remaining.saturating_sub(round.tail().len() + 1))
                     .min(room);
-                if gamma == 0 {
-                    (target.verify(keep, &feed, round.tail())?, None)
-                } else {
-                    let round_start = Instant::now();
+                if gamma > 0 {
                     d.submit(DraftJob {
                         sync: round.draft_sync().clone(),
                         gamma,
                         policy,
                     })?;
-                    let v = target.verify(keep, &feed, round.tail())?;
-                    let waited = Instant::now();
-                    let tree = d.collect()?;
-                    stats.target_idle_ms += waited.elapsed().as_secs_f64() * 1e3;
-                    stats.draft_idle_ms +=
-                        (round_start.elapsed().as_secs_f64() - tree.secs).max(0.0) * 1e3;
+                    drafting = true;
                     gamma_sum += gamma;
                     draft_rounds += 1;
-                    (v, Some(tree))
                 }
             }
-        };
+        }
+        // 2. The target verifies the pending tail and draws the next token.
+        let verdict = target.verify(keep, &round.target_feed(), round.tail())?;
         stats.target_busy_ms += verdict.secs * 1e3;
+        if params.mode == Mode::Speculative {
+            stats.draft_idle_ms += verdict.secs * 1e3;
+        }
         if !first_round {
             budget.observe_target(verdict.fed, verdict.secs);
         }
-        let branches: &[Vec<u32>] = match &tree {
+        // 3. Emit what is verified now, before waiting for the draft.
+        let committed = round.preview(&verdict.verdict)?;
+        let commit = term.commit(&committed, |t| decoder.push(tokenizer, t))?;
+        let new = &committed[..commit.accepted];
+        let new_logprobs = &verdict.logprobs[..verdict.logprobs.len().min(commit.accepted)];
+        logprobs.extend_from_slice(new_logprobs);
+        if stats.ttft_ms == 0.0 && !new.is_empty() {
+            stats.ttft_ms = start.elapsed().as_secs_f64() * 1e3;
+        }
+        emitted.extend_from_slice(new);
+        text.push_str(&commit.text);
+        if (!commit.text.is_empty() || !new.is_empty()) && !sink(&commit.text, new, new_logprobs) {
+            return Err(EngineError::Cancelled);
+        }
+        finish = commit.finish;
+        if finish.is_none() && term.remaining() == 0 {
+            finish = Some(FinishReason::Length);
+        }
+        // 4. Collect the draft's branches (unless the generation just ended)
+        //    and move to the next round.
+        if drafting
+            && finish.is_none()
+            && let Some(d) = draft.as_deref_mut()
+        {
+            let waited = Instant::now();
+            let tree = d.collect()?;
+            stats.target_idle_ms += waited.elapsed().as_secs_f64() * 1e3;
+            stats.draft_idle_ms += (round_start.elapsed().as_secs_f64() - tree.secs).max(0.0) * 1e3;
+            drafted_now = Some(tree);
+        }
+        let branches: &[Vec<u32>] = match &drafted_now {
             Some(t) => {
                 stats.draft_busy_ms += t.secs * 1e3;
                 if t.forward_steps > 0 && !first_round {
@@ -351,6 +370,7 @@ pub fn run(
             None => &[],
         };
         let out = round.apply(verdict.verdict, branches)?;
+        debug_assert_eq!(out.committed, committed);
         first_round = false;
         stats.rounds += 1;
         stats.drafted += out.drafted();
@@ -367,23 +387,6 @@ pub fn run(
             }
         }
         stats.rejections += usize::from(out.rejected());
-
-        let commit = term.commit(&out.committed, |t| decoder.push(tokenizer, t))?;
-        let new = &out.committed[..commit.accepted];
-        let new_logprobs = &verdict.logprobs[..verdict.logprobs.len().min(commit.accepted)];
-        logprobs.extend_from_slice(new_logprobs);
-        if stats.ttft_ms == 0.0 && !new.is_empty() {
-            stats.ttft_ms = start.elapsed().as_secs_f64() * 1e3;
-        }
-        emitted.extend_from_slice(new);
-        text.push_str(&commit.text);
-        if (!commit.text.is_empty() || !new.is_empty()) && !sink(&commit.text, new, new_logprobs) {
-            return Err(EngineError::Cancelled);
-        }
-        finish = commit.finish;
-        if finish.is_none() && term.remaining() == 0 {
-            finish = Some(FinishReason::Length);
-        }
     }
     let tail_text = decoder.finish(tokenizer)?;
     let last = term.finish(&tail_text);

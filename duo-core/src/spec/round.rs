@@ -193,6 +193,21 @@ impl Round {
         self.apply(verdict, branches)
     }
 
+    /// The tokens [`Self::apply`] would commit for `verdict` (accepted tail,
+    /// then `next`), without changing anything: callers stream verified
+    /// tokens out before the draft's branches arrive.
+    pub fn preview(&self, verdict: &ChainVerdict) -> Result<Vec<u32>, RoundError> {
+        if verdict.accepted > self.tail.len() {
+            return Err(RoundError::Verdict {
+                accepted: verdict.accepted,
+                tail: self.tail.len(),
+            });
+        }
+        let mut out = self.tail[..verdict.accepted].to_vec();
+        out.push(verdict.next);
+        Ok(out)
+    }
+
     /// Applies a verification verdict on this round's tail (computed next to
     /// the target's logits, locally or in the target service) and the
     /// draft's `branches` for the token after the tail (empty in
