@@ -263,6 +263,23 @@ fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
             }
             best = best.max(a.new_tokens as f64 / start.elapsed().as_secs_f64());
         }
+        // Forward cost at past 128 (as in the model card): +1 and +8 tokens.
+        let mut costs = serde_json::Map::new();
+        for block in [1usize, 8] {
+            let mut seq = lm.sequence()?;
+            lm.extend(&mut seq, &vec![1; 128])?;
+            let mut times = Vec::new();
+            for rep in 0..400 {
+                let start = std::time::Instant::now();
+                lm.extend(&mut seq, &vec![2; block])?;
+                if rep >= 50 {
+                    times.push(start.elapsed().as_secs_f64() * 1e3);
+                }
+                seq.truncate(128)?;
+            }
+            times.sort_by(f64::total_cmp);
+            costs.insert(format!("+{block}_ms"), times[times.len() / 2].into());
+        }
         let python = card[name]["python_ort_ar_tokens_per_s"].as_f64();
         eprintln!(
             "{name}: Rust runtime {best:.0} tokens/s; Python onnxruntime (model card) {}",
@@ -273,9 +290,21 @@ fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
         );
         report.insert(
             name.into(),
-            serde_json::json!({"rust_tokens_per_s": best, "python_tokens_per_s": python, "rust_over_python": python.map(|p| best / p)}),
+            serde_json::json!({"rust_tokens_per_s": best, "python_tokens_per_s": python,
+                "rust_over_python": python.map(|p| best / p), "forward_ms_past128": costs}),
         );
     }
+    let t1 = report["target"]["forward_ms_past128"]["+1_ms"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let d1 = report["draft"]["forward_ms_past128"]["+1_ms"]
+        .as_f64()
+        .unwrap_or(1.0);
+    eprintln!(
+        "forward at past 128 (median): target/draft cost per token {:.2}x",
+        t1 / d1
+    );
+    report.insert("target_over_draft_1token".into(), (t1 / d1).into());
     println!("{}", serde_json::Value::Object(report));
     Ok(())
 }

@@ -27,6 +27,9 @@ pub struct UpArgs {
     /// Tokens for --demo.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// Also serve the OpenAI-compatible HTTP API on this port.
+    #[arg(long)]
+    pub http_port: Option<u16>,
 }
 
 /// Child processes, stopped (SIGTERM, then kill) when dropped.
@@ -99,7 +102,13 @@ fn spawn(name: &str, args: &[String], log: bool) -> anyhow::Result<(String, Chil
 
 /// Starts target, draft workers and orchestrator; returns when the
 /// orchestrator answers `Info` (the target is loaded and compatible).
-pub fn start(m: &ModelArgs, port: u16, drafts: usize, log: bool) -> anyhow::Result<Deployment> {
+pub fn start(
+    m: &ModelArgs,
+    port: u16,
+    drafts: usize,
+    http_port: Option<u16>,
+    log: bool,
+) -> anyhow::Result<Deployment> {
     let cfg = m.config();
     let path = |p: &Path| p.display().to_string();
     let mut children = Vec::new();
@@ -151,6 +160,9 @@ pub fn start(m: &ModelArgs, port: u16, drafts: usize, log: bool) -> anyhow::Resu
     for d in &draft_addrs {
         o.extend(["--draft".into(), d.clone()]);
     }
+    if let Some(h) = http_port {
+        o.extend(["--http-listen".into(), format!("127.0.0.1:{h}")]);
+    }
     children.push(spawn("orchestrator", &o, log)?);
     let mut dep = Deployment { children, endpoint };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -173,7 +185,7 @@ pub fn start(m: &ModelArgs, port: u16, drafts: usize, log: bool) -> anyhow::Resu
 }
 
 pub fn run(a: UpArgs) -> anyhow::Result<()> {
-    let dep = start(&a.models, a.port, a.drafts, a.demo.is_none())?;
+    let dep = start(&a.models, a.port, a.drafts, a.http_port, a.demo.is_none())?;
     eprintln!(
         "orchestrator ready at {} (target on port {}, {} draft worker(s) from port {})",
         dep.endpoint,
@@ -181,6 +193,9 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         a.drafts,
         a.port + 2
     );
+    if let Some(h) = a.http_port {
+        eprintln!("OpenAI-compatible API at http://127.0.0.1:{h}/v1");
+    }
     if let Some(prompt) = a.demo {
         let mut r = Remote::connect(&dep.endpoint)?;
         let params = duo_core::engine::GenerateParams {

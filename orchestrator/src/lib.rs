@@ -3,6 +3,7 @@
 //! and runs the core's speculative loop across both (the same loop the
 //! in-process engine runs), streaming verified text to the client.
 
+pub mod openai;
 mod remote;
 
 use std::path::PathBuf;
@@ -53,6 +54,13 @@ pub struct Args {
     /// Most generations at once (RESOURCE_EXHAUSTED beyond).
     #[arg(long, env = "DUO_MAX_GENERATIONS", default_value_t = 64)]
     pub max_generations: usize,
+    /// Also serve the OpenAI-compatible HTTP API (/v1/completions,
+    /// /v1/chat/completions, /v1/models) on this address.
+    #[arg(long, env = "DUO_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Speaker name of the assistant in the chat template (see docs/openai.md).
+    #[arg(long, env = "DUO_CHAT_ASSISTANT", default_value = "Assistant")]
+    pub chat_assistant_name: String,
 }
 
 struct DraftWorker {
@@ -69,13 +77,14 @@ struct State {
     limits: Mutex<Option<Limits>>,
     budget: Mutex<BudgetController>,
     limiter: SessionLimiter,
+    chat_template: openai::ChatTemplate,
 }
 
 #[derive(Clone)]
-struct Orchestrator(Arc<State>);
+pub struct Orchestrator(Arc<State>);
 
 /// Where a generation's output goes.
-enum Output {
+pub(crate) enum Output {
     /// Chunks to a streaming client.
     Stream(mpsc::Sender<Result<pb::GenerateChunk, Status>>),
     /// A unary call: the receiver lives as long as the call.
@@ -174,6 +183,17 @@ impl Orchestrator {
             logprobs: req.logprobs,
         };
         Ok((prompt, params))
+    }
+
+    /// Validates a request without running it.
+    async fn check(
+        &self,
+        req: &pb::GenerateRequest,
+    ) -> Result<(Vec<u32>, GenerateParams, Limits), Status> {
+        let limits = self.limits().await?;
+        let (prompt, params) = self.parse(req)?;
+        session::validate(&prompt, &params, &limits).map_err(engine_status)?;
+        Ok((prompt, params, limits))
     }
 
     /// The draft worker with the fewest generations from this orchestrator.
@@ -424,12 +444,25 @@ fn endpoint(address: &str) -> Result<Endpoint, String> {
         .map_err(|e| format!("bad address {address:?}: {e}"))
 }
 
-/// Serves on `listener` until `shutdown` resolves (then drains and returns).
+/// Serves gRPC on `listener` (and the OpenAI HTTP API on `http`, if given)
+/// until `shutdown` resolves, then drains and returns.
 pub async fn serve(
     args: Args,
     listener: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |rx: &tokio::sync::watch::Receiver<bool>| {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
     let tokenizer = Tokenizer::from_file(&args.tokenizer).map_err(|e| e.to_string())?;
     let drafts = args
         .drafts
@@ -451,6 +484,9 @@ pub async fn serve(
         limits: Mutex::new(None),
         budget: Mutex::new(BudgetController::new(BudgetConfig::default())),
         limiter: SessionLimiter::new(args.max_generations),
+        chat_template: openai::ChatTemplate {
+            assistant_name: args.chat_assistant_name.clone(),
+        },
     });
     let svc = Orchestrator(state);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -484,13 +520,23 @@ pub async fn serve(
         }
     };
     tokio::spawn(ready);
+    if let Some(http) = http {
+        tracing::info!(listen = ?http.local_addr().ok(), "OpenAI-compatible HTTP API listening");
+        let app = openai::router(svc.clone());
+        let stop = stopped(&stop_rx);
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(http, app).with_graceful_shutdown(stop).await {
+                tracing::error!("HTTP server: {e}");
+            }
+        });
+    }
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection()?)
         .add_service(GenerationServer::new(svc))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
+            stopped(&stop_rx),
         )
         .await
         .map_err(|e| format!("server: {e}"))?;

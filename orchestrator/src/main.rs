@@ -15,7 +15,17 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = serve(args, listener, shutdown_signal()).await {
+    let http = match args.http_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("orchestrator: cannot listen on {addr} for HTTP: {e}");
+                std::process::exit(1);
+            }
+        },
+        None => None,
+    };
+    if let Err(e) = serve(args, listener, http, shutdown_signal()).await {
         tracing::error!("{e}");
         eprintln!("orchestrator: {e}");
         std::process::exit(1);

@@ -18,6 +18,8 @@ pub fn models() -> PathBuf {
 
 pub struct Deployment {
     pub orchestrator: SocketAddr,
+    /// The OpenAI-compatible HTTP API.
+    pub http: SocketAddr,
     pub target: SocketAddr,
     pub drafts: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
@@ -102,6 +104,7 @@ pub async fn start(draft_tokenizers: &[PathBuf]) -> Deployment {
         drafts.push(d);
     }
     let (ol, orchestrator) = listener().await;
+    let (hl, http) = listener().await;
     tokio::spawn(orchestrator::serve(
         orchestrator::Args {
             common: common(orchestrator),
@@ -109,12 +112,16 @@ pub async fn start(draft_tokenizers: &[PathBuf]) -> Deployment {
             drafts: drafts.iter().map(|d| format!("http://{d}")).collect(),
             tokenizer: tok,
             max_generations: 64,
+            http_listen: Some(http),
+            chat_assistant_name: "Assistant".into(),
         },
         ol,
+        Some(hl),
         stopper(&rx),
     ));
     let dep = Deployment {
         orchestrator,
+        http,
         target,
         drafts,
         stop,

@@ -243,6 +243,13 @@ pub fn run(
             params.mode
         )));
     }
+    let _generation = tracing::info_span!(
+        "generation",
+        mode = %params.mode,
+        prompt_tokens = prompt.len(),
+        max_new_tokens = params.max_new_tokens
+    )
+    .entered();
     let start = Instant::now();
     let mut stats = Stats {
         mode: params.mode,
@@ -266,6 +273,8 @@ pub fn run(
     let mut finish = None;
 
     while finish.is_none() {
+        let _round =
+            tracing::debug_span!("round", n = stats.rounds, tail = round.tail().len()).entered();
         let remaining = term.remaining();
         let room = limits.context_len.saturating_sub(round.draft_context_len());
         let keep = round.target_keep();
@@ -387,6 +396,14 @@ pub fn run(
             }
         }
         stats.rejections += usize::from(out.rejected());
+        tracing::debug!(
+            committed = out.committed.len(),
+            tail_accepted = out.tail_accepted,
+            tail_len = out.tail_len,
+            branches = out.branches,
+            branch_hit = ?out.branch_hit,
+            "round done"
+        );
     }
     let tail_text = decoder.finish(tokenizer)?;
     let last = term.finish(&tail_text);
@@ -403,6 +420,14 @@ pub fn run(
     if params.mode == Mode::Duodecoding {
         stats.budget = Some(budget.report());
     }
+    tracing::info!(
+        new_tokens = stats.new_tokens,
+        rounds = stats.rounds,
+        mean_accepted = stats.mean_accepted,
+        tokens_per_s = stats.tokens_per_s,
+        ttft_ms = stats.ttft_ms,
+        "generation done"
+    );
     Ok(Generation {
         tokens: emitted,
         text,
