@@ -27,7 +27,7 @@ from duomodels.llama import Llama, LlamaShape, count_params  # noqa: E402
 VOCAB = 2048
 CONTEXT = 512
 TARGET = LlamaShape(VOCAB, 256, 704, 4, 8, 2, CONTEXT)
-DRAFT = LlamaShape(VOCAB, 96, 288, 2, 3, 3, CONTEXT)
+DRAFT = LlamaShape(VOCAB, 128, 384, 1, 4, 4, CONTEXT)
 
 
 def log(msg):

@@ -45,7 +45,7 @@ struct RuntimeBenchArgs {
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
     /// Runs per model; the best is reported (as in the model card).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 10)]
     runs: usize,
 }
 

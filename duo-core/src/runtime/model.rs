@@ -174,6 +174,10 @@ impl CausalLm {
             .with_intra_threads(threads)
             .map_err(builder_err)?
             .with_inter_threads(1)
+            .map_err(builder_err)?
+            // ONNX Runtime's own messages go through `tracing`; below Warning
+            // they are formatted on every run, which costs real time.
+            .with_log_level(ort::logging::LogLevel::Warning)
             .map_err(builder_err)?;
         let provider = match opts.device {
             Device::Cpu => "CPU",
