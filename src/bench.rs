@@ -381,7 +381,7 @@ fn machine() -> serde_json::Value {
         .unwrap_or_default();
     json!({
         "cpu": cpu,
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cores": std::fs::read_to_string("/proc/cpuinfo").map(|s| s.matches("processor\t").count()).unwrap_or(0),
     })
 }
 

@@ -104,6 +104,9 @@ impl Engine {
             },
         )?;
         let limits = check_pair(&target, &draft, &tokenizer)?;
+        if cfg.pin_cores {
+            cores(); // read the core list before any thread is pinned
+        }
         Ok(Self {
             target,
             draft,
@@ -240,11 +243,17 @@ pub fn check_pair(
     })
 }
 
+/// The machine's cores, read once: after a thread is pinned, the affinity
+/// mask it reports shrinks to that core, so later lookups would see one core.
+fn cores() -> &'static [core_affinity::CoreId] {
+    static CORES: std::sync::OnceLock<Vec<core_affinity::CoreId>> = std::sync::OnceLock::new();
+    CORES.get_or_init(|| core_affinity::get_core_ids().unwrap_or_default())
+}
+
 /// Pins the calling thread to `core` (modulo the core count); best effort.
 pub fn pin_current_thread(core: usize) {
-    if let Some(ids) = core_affinity::get_core_ids()
-        && !ids.is_empty()
-    {
+    let ids = cores();
+    if !ids.is_empty() {
         core_affinity::set_for_current(ids[core % ids.len()]);
     }
 }
