@@ -312,9 +312,17 @@ pub fn run(
                 }
             }
             (Mode::Duodecoding, Some(d)) => {
+                // The controller balances γ draft steps against the target's
+                // forward; the draft also spends one forward catching up on
+                // the synced tokens, so it gets one step less.
                 let gamma = params
                     .gamma
-                    .unwrap_or_else(|| budget.choose_gamma(round.target_feed().len()))
+                    .unwrap_or_else(|| {
+                        budget
+                            .choose_gamma(round.target_feed().len())
+                            .saturating_sub(1)
+                            .max(1)
+                    })
                     .min(remaining.saturating_sub(round.tail().len() + 1))
                     .min(room);
                 if gamma > 0 {
