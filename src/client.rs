@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use duo_core::engine::{GenerateParams, Generation, Mode, Stats};
-use duo_core::spec::stop::FinishReason;
-use duo_rpc::convert::mode_to_pb;
+use duo_core::engine::{GenerateParams, Generation};
+use duo_rpc::convert::{finish_from_pb, mode_to_pb, stats_from_pb};
 use duo_rpc::pb::generation_client::GenerationClient;
 use duo_rpc::pb::{self, generate_request};
 use tonic::transport::Channel;
@@ -108,42 +107,4 @@ impl Remote {
 pub enum Prompt {
     Text(String),
     Ids(Vec<u32>),
-}
-
-fn finish_from_pb(f: i32) -> FinishReason {
-    match pb::FinishReason::try_from(f) {
-        Ok(pb::FinishReason::Eos) => FinishReason::Eos,
-        Ok(pb::FinishReason::Stop) => FinishReason::Stop,
-        _ => FinishReason::Length,
-    }
-}
-
-fn stats_from_pb(s: &pb::Stats) -> Stats {
-    Stats {
-        mode: match pb::Mode::try_from(s.mode) {
-            Ok(pb::Mode::Speculative) => Mode::Speculative,
-            Ok(pb::Mode::Autoregressive) => Mode::Autoregressive,
-            _ => Mode::Duodecoding,
-        },
-        prompt_tokens: s.prompt_tokens as usize,
-        new_tokens: s.new_tokens as usize,
-        rounds: s.rounds as usize,
-        drafted: s.drafted as usize,
-        accepted: s.accepted as usize,
-        mean_accepted: s.mean_accepted,
-        ttft_ms: s.ttft_ms,
-        total_ms: s.total_ms,
-        tokens_per_s: s.tokens_per_s,
-        target_busy_ms: s.target_busy_ms,
-        target_idle_ms: s.target_idle_ms,
-        draft_busy_ms: s.draft_busy_ms,
-        draft_idle_ms: s.draft_idle_ms,
-        gamma_mean: s.gamma_mean,
-        k_hist: s
-            .k_rounds
-            .iter()
-            .map(|(k, n)| (*k as usize, *n as usize))
-            .collect(),
-        ..Stats::default()
-    }
 }

@@ -108,3 +108,43 @@ pub fn model_to_pb(m: &ModelInfo) -> pb::ModelInfo {
         threads: m.intra_threads as u32,
     }
 }
+
+/// Inverse of [`finish_to_pb`]; unknown values read as `Length`.
+pub fn finish_from_pb(f: i32) -> FinishReason {
+    match pb::FinishReason::try_from(f) {
+        Ok(pb::FinishReason::Eos) => FinishReason::Eos,
+        Ok(pb::FinishReason::Stop) => FinishReason::Stop,
+        _ => FinishReason::Length,
+    }
+}
+
+/// Inverse of [`stats_to_pb`] (the draft worker's name is not part of `Stats`).
+pub fn stats_from_pb(s: &pb::Stats) -> Stats {
+    Stats {
+        mode: match pb::Mode::try_from(s.mode) {
+            Ok(pb::Mode::Speculative) => Mode::Speculative,
+            Ok(pb::Mode::Autoregressive) => Mode::Autoregressive,
+            _ => Mode::Duodecoding,
+        },
+        prompt_tokens: s.prompt_tokens as usize,
+        new_tokens: s.new_tokens as usize,
+        rounds: s.rounds as usize,
+        drafted: s.drafted as usize,
+        accepted: s.accepted as usize,
+        mean_accepted: s.mean_accepted,
+        ttft_ms: s.ttft_ms,
+        total_ms: s.total_ms,
+        tokens_per_s: s.tokens_per_s,
+        target_busy_ms: s.target_busy_ms,
+        target_idle_ms: s.target_idle_ms,
+        draft_busy_ms: s.draft_busy_ms,
+        draft_idle_ms: s.draft_idle_ms,
+        gamma_mean: s.gamma_mean,
+        k_hist: s
+            .k_rounds
+            .iter()
+            .map(|(k, n)| (*k as usize, *n as usize))
+            .collect(),
+        ..Stats::default()
+    }
+}
