@@ -129,6 +129,9 @@ pub fn start(
         "--threads".into(),
         cfg.target_threads.to_string(),
     ];
+    if cfg.pin_cores {
+        t.extend(["--cpu-core".into(), "0".into()]);
+    }
     t.extend(common.clone());
     children.push(spawn("target-service", &t, log)?);
     let mut draft_addrs = Vec::new();
@@ -144,6 +147,10 @@ pub fn start(
             "--threads".into(),
             cfg.draft_threads.to_string(),
         ];
+        if cfg.pin_cores {
+            // Draft workers share the cores after the target's.
+            d.extend(["--cpu-core".into(), (1 + i).to_string()]);
+        }
         d.extend(common.clone());
         children.push(spawn("draft-service", &d, log)?);
         draft_addrs.push(format!("http://{addr}"));

@@ -42,6 +42,10 @@ pub struct Args {
     /// Most sessions held at once (RESOURCE_EXHAUSTED beyond).
     #[arg(long, env = "DUO_MAX_SESSIONS", default_value_t = 64)]
     pub max_sessions: usize,
+    /// Pin model work to this CPU core (e.g. keep target and draft workers
+    /// on separate cores of one host); unset = no pinning.
+    #[arg(long, env = "DUO_CPU_CORE")]
+    pub cpu_core: Option<usize>,
     /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the build's .ort/).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
@@ -56,6 +60,7 @@ struct Loaded {
 struct DraftService {
     loaded: Arc<OnceLock<Loaded>>,
     limiter: SessionLimiter,
+    cpu_core: Option<usize>,
 }
 
 impl DraftService {
@@ -150,6 +155,9 @@ impl Draft for DraftService {
                             (Some(mut d), Ok(job)) => {
                                 let svc2 = svc.clone();
                                 let done = tokio::task::spawn_blocking(move || {
+                                    if let Some(core) = svc2.cpu_core {
+                                        duo_core::engine::pin_current_thread(core);
+                                    }
                                     let res = match svc2.loaded() {
                                         Ok(l) => {
                                             let mut lm =
@@ -228,6 +236,7 @@ pub async fn serve(
     let svc = DraftService {
         loaded: Arc::new(OnceLock::new()),
         limiter: SessionLimiter::new(args.max_sessions),
+        cpu_core: args.cpu_core,
     };
     tracing::info!(listen = ?listener.local_addr().ok(), "draft-service listening (loading model)");
     let loader = {

@@ -49,6 +49,10 @@ pub struct Args {
     /// Most sessions held at once (RESOURCE_EXHAUSTED beyond).
     #[arg(long, env = "DUO_MAX_SESSIONS", default_value_t = 64)]
     pub max_sessions: usize,
+    /// Pin model work to this CPU core (e.g. keep target and draft workers
+    /// on separate cores of one host); unset = no pinning.
+    #[arg(long, env = "DUO_CPU_CORE")]
+    pub cpu_core: Option<usize>,
     /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the build's .ort/).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
@@ -63,6 +67,7 @@ struct Loaded {
 struct TargetService {
     loaded: Arc<OnceLock<Loaded>>,
     limiter: SessionLimiter,
+    cpu_core: Option<usize>,
 }
 
 /// One generation's target state.
@@ -196,6 +201,9 @@ impl Target for TargetService {
                             (Some(mut s), Ok(())) => {
                                 let svc2 = svc.clone();
                                 let done = tokio::task::spawn_blocking(move || {
+                                    if let Some(core) = svc2.cpu_core {
+                                        duo_core::engine::pin_current_thread(core);
+                                    }
                                     let res = match svc2.loaded() {
                                         Ok(l) => {
                                             let mut lm =
@@ -272,6 +280,7 @@ pub async fn serve(
     let svc = TargetService {
         loaded: Arc::new(OnceLock::new()),
         limiter: SessionLimiter::new(args.max_sessions),
+        cpu_core: args.cpu_core,
     };
     tracing::info!(listen = ?listener.local_addr().ok(), device = %args.device, "target-service listening (loading model)");
     let loader = {
