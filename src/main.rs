@@ -280,6 +280,49 @@ fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
             times.sort_by(f64::total_cmp);
             costs.insert(format!("+{block}_ms"), times[times.len() / 2].into());
         }
+        // k branches from one 128-token context, 4 greedy steps each: one
+        // batched forward per step vs k sequences run one after another.
+        for k in [2usize, 4] {
+            let mut base = lm.sequence()?;
+            lm.extend(&mut base, &vec![1; 128])?;
+            let (mut batched, mut sequential) = (Vec::new(), Vec::new());
+            for rep in 0..60 {
+                let start = std::time::Instant::now();
+                let mut br = base.fork(k)?;
+                let mut toks: Vec<u32> = (0..k as u32).map(|j| 3 + j).collect();
+                for _ in 0..4 {
+                    let l = lm.extend_branches(&mut br, &toks)?;
+                    toks = (0..k)
+                        .map(|j| duo_core::sampling::argmax(l.row(j)))
+                        .collect();
+                }
+                let b = start.elapsed().as_secs_f64() * 1e3;
+                let start = std::time::Instant::now();
+                for j in 0..k as u32 {
+                    base.truncate(128)?;
+                    let mut t = 3 + j;
+                    for _ in 0..4 {
+                        let l = lm.extend(&mut base, &[t])?;
+                        t = duo_core::sampling::argmax(l.last());
+                    }
+                }
+                base.truncate(128)?;
+                let q = start.elapsed().as_secs_f64() * 1e3;
+                if rep >= 10 {
+                    batched.push(b);
+                    sequential.push(q);
+                }
+            }
+            batched.sort_by(f64::total_cmp);
+            sequential.sort_by(f64::total_cmp);
+            let (b, q) = (batched[batched.len() / 2], sequential[sequential.len() / 2]);
+            eprintln!(
+                "{name}: {k} branches x 4 steps: batched {b:.2} ms, sequential {q:.2} ms ({:.2}x)",
+                q / b
+            );
+            costs.insert(format!("branches{k}x4_batched_ms"), b.into());
+            costs.insert(format!("branches{k}x4_sequential_ms"), q.into());
+        }
         let python = card[name]["python_ort_ar_tokens_per_s"].as_f64();
         eprintln!(
             "{name}: Rust runtime {best:.0} tokens/s; Python onnxruntime (model card) {}",
