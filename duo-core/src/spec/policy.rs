@@ -6,8 +6,9 @@
 //! 1, `p21` the top probability at position 2 given that token. With
 //! `θ = p11 · p21`, the number of branches is
 //! `k = 1 + #(rank 2..8 candidates at position 1 with probability > θ)`,
-//! capped at [`BranchPolicy::max_branches`]. The branches share the γ budget
-//! ([`split_budget`]).
+//! capped at [`BranchPolicy::max_branches`]. The budget γ counts sequential
+//! draft steps: the drafter runs the k branches as one batch, each γ tokens
+//! long (see `engine::drafter`), so the draft's time stays at the budget.
 
 use std::collections::HashSet;
 
@@ -90,20 +91,6 @@ impl BranchPolicy {
             .take(k)
             .collect()
     }
-}
-
-/// Lengths of `k` branches sharing a budget of `gamma` draft tokens.
-///
-/// Invariants for `k >= 1`: `k` lengths, each `>= 1`, differing by at most
-/// one, longer branches first, summing to `max(gamma, k)` (when `gamma < k`
-/// every branch still gets its head). `k == 0` gives an empty vector.
-pub fn split_budget(gamma: usize, k: usize) -> Vec<usize> {
-    if k == 0 {
-        return Vec::new();
-    }
-    let total = gamma.max(k);
-    let (base, longer) = (total / k, total % k);
-    (0..k).map(|i| base + usize::from(i < longer)).collect()
 }
 
 #[cfg(test)]
@@ -204,29 +191,5 @@ mod tests {
             BranchPolicy::new(8).branch_heads(d.entries(), 3),
             vec![5, 6, 7]
         );
-    }
-
-    #[test]
-    fn split_budget_is_fair() {
-        assert_eq!(split_budget(8, 1), vec![8]);
-        assert_eq!(split_budget(8, 2), vec![4, 4]);
-        assert_eq!(split_budget(8, 3), vec![3, 3, 2]);
-        assert_eq!(split_budget(10, 4), vec![3, 3, 2, 2]);
-        for gamma in 0..30 {
-            for k in 1..=8 {
-                let s = split_budget(gamma, k);
-                assert_eq!(s.len(), k);
-                assert_eq!(s.iter().sum::<usize>(), gamma.max(k));
-                assert!(s.iter().all(|&l| l >= 1));
-                assert!(s.windows(2).all(|w| w[0] >= w[1] && w[0] - w[1] <= 1));
-            }
-        }
-    }
-
-    #[test]
-    fn split_budget_gamma_below_k() {
-        assert_eq!(split_budget(2, 4), vec![1, 1, 1, 1]);
-        assert_eq!(split_budget(0, 3), vec![1, 1, 1]);
-        assert!(split_budget(5, 0).is_empty());
     }
 }
