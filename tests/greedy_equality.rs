@@ -4,7 +4,7 @@
 //! is tolerated only at a near-tie of the target's top-2 logits (< 1e-3,
 //! multi-token vs single-token forward numerics) and is reported.
 
-use std::path::Path;
+mod common;
 
 use duo_core::engine::{Engine, EngineConfig, GenerateParams, Mode, Stats};
 
@@ -12,36 +12,22 @@ const PER_CATEGORY: usize = 6;
 const NEW_TOKENS: usize = 128;
 
 fn prompts(engine: &Engine) -> Vec<Vec<u32>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/spec-bench");
     let room = engine.limits().context_len - NEW_TOKENS;
-    let mut out = Vec::new();
-    for cat in [
-        "qa",
-        "rag",
-        "summarization",
-        "translation",
-        "math_reasoning",
-    ] {
-        let text = std::fs::read_to_string(dir.join(format!("{cat}.jsonl"))).unwrap();
-        for line in text.lines().take(PER_CATEGORY) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let mut ids = engine
-                .tokenizer()
-                .encode(v["turns"][0].as_str().unwrap())
-                .unwrap();
+    common::spec_bench(PER_CATEGORY)
+        .iter()
+        .map(|p| {
+            let mut ids = engine.tokenizer().encode(p).unwrap();
             if ids.len() > room {
                 ids.drain(..ids.len() - room);
             }
-            out.push(ids);
-        }
-    }
-    out
+            ids
+        })
+        .collect()
 }
 
 #[test]
 fn speculative_modes_match_autoregressive_greedy() {
-    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let mut engine = Engine::load(&EngineConfig::bundled(&models)).unwrap();
+    let mut engine = Engine::load(&EngineConfig::bundled(&common::models())).unwrap();
     let prompts = prompts(&engine);
     assert!(prompts.len() >= 30);
     let mut totals = Stats::default();

@@ -225,6 +225,27 @@ fn stats_json(s: &pb::Stats) -> Value {
     })
 }
 
+/// OpenAI's `usage` object for a generation's stats.
+fn usage(s: &pb::Stats) -> Value {
+    json!({"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens, "total_tokens": s.prompt_tokens + s.new_tokens})
+}
+
+/// finish_reason, usage and duo stats of a stream chunk: set on the final
+/// chunk only, null before.
+fn final_fields(f: Option<&pb::Final>) -> (Value, Value, Value) {
+    match f {
+        Some(f) => {
+            let s = f.stats.clone().unwrap_or_default();
+            (
+                Value::from(finish_reason(f.finish_reason)),
+                usage(&s),
+                stats_json(&s),
+            )
+        }
+        None => (Value::Null, Value::Null, Value::Null),
+    }
+}
+
 fn logprobs_json(orch: &Orchestrator, ids: &[u32], lps: &[f32]) -> Value {
     let tokens: Vec<String> = ids
         .iter()
@@ -313,17 +334,7 @@ async fn completions(
 }
 
 fn completion_chunk(orch: &Orchestrator, id: &str, c: &pb::GenerateChunk, logprobs: bool) -> Value {
-    let (finish, usage, stats) = match &c.r#final {
-        Some(f) => {
-            let s = f.stats.clone().unwrap_or_default();
-            (
-                Value::from(finish_reason(f.finish_reason)),
-                json!({"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens, "total_tokens": s.prompt_tokens + s.new_tokens}),
-                stats_json(&s),
-            )
-        }
-        None => (Value::Null, Value::Null, Value::Null),
-    };
+    let (finish, usage, stats) = final_fields(c.r#final.as_ref());
     json!({
         "id": id, "object": "text_completion", "created": created(), "model": MODEL_ID,
         "choices": [{"text": c.text, "index": 0, "finish_reason": finish,
@@ -343,7 +354,7 @@ fn completion_whole(
         "id": id, "object": "text_completion", "created": created(), "model": MODEL_ID,
         "choices": [{"text": r.text, "index": 0, "finish_reason": finish_reason(r.finish_reason),
                      "logprobs": if logprobs { logprobs_json(orch, &r.token_ids, &r.logprobs) } else { Value::Null }}],
-        "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens, "total_tokens": s.prompt_tokens + s.new_tokens},
+        "usage": usage(&s),
         "duo": stats_json(&s),
     })
 }
@@ -392,17 +403,7 @@ async fn chat_completions(
 }
 
 fn chat_chunk(_: &Orchestrator, id: &str, c: &pb::GenerateChunk, _logprobs: bool) -> Value {
-    let (finish, usage, stats) = match &c.r#final {
-        Some(f) => {
-            let s = f.stats.clone().unwrap_or_default();
-            (
-                Value::from(finish_reason(f.finish_reason)),
-                json!({"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens, "total_tokens": s.prompt_tokens + s.new_tokens}),
-                stats_json(&s),
-            )
-        }
-        None => (Value::Null, Value::Null, Value::Null),
-    };
+    let (finish, usage, stats) = final_fields(c.r#final.as_ref());
     json!({
         "id": id, "object": "chat.completion.chunk", "created": created(), "model": MODEL_ID,
         "choices": [{"index": 0, "delta": {"role": "assistant", "content": c.text}, "finish_reason": finish}],
@@ -415,7 +416,7 @@ fn chat_whole(_: &Orchestrator, id: &str, r: &pb::GenerateResponse, _logprobs: b
     json!({
         "id": id, "object": "chat.completion", "created": created(), "model": MODEL_ID,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": finish_reason(r.finish_reason)}],
-        "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens, "total_tokens": s.prompt_tokens + s.new_tokens},
+        "usage": usage(&s),
         "duo": stats_json(&s),
     })
 }
