@@ -5,17 +5,17 @@
 //! `DraftJob`s. Closing the stream frees the session.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
 use duo_core::engine::{DraftJob, Drafter};
-use duo_core::runtime::{CausalLm, Device, ModelOptions, RuntimeError};
+use duo_core::runtime::{Device, ModelOptions};
 use duo_core::spec::policy::{BranchPolicy, MAX_BRANCHES};
-use duo_core::tokenizer::Tokenizer;
-use duo_rpc::convert::{model_to_pb, sync_from_pb, tree_to_pb};
+use duo_rpc::convert::{sync_from_pb, tree_to_pb};
 use duo_rpc::pb::draft_server::{Draft, DraftServer};
 use duo_rpc::pb::{self, draft_reply, draft_request};
 use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection};
+use duo_rpc::worker::{LoadedWorker, runtime_status};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -51,37 +51,25 @@ pub struct Args {
     pub ort_lib: Option<PathBuf>,
 }
 
-struct Loaded {
-    lm: Mutex<CausalLm>,
-    info: pb::WorkerInfo,
-}
-
 #[derive(Clone)]
 struct DraftService {
-    loaded: Arc<OnceLock<Loaded>>,
+    loaded: Arc<OnceLock<LoadedWorker>>,
     limiter: SessionLimiter,
     cpu_core: Option<usize>,
 }
 
 impl DraftService {
-    fn loaded(&self) -> Result<&Loaded, Status> {
+    fn loaded(&self) -> Result<&LoadedWorker, Status> {
         self.loaded
             .get()
             .ok_or_else(|| Status::unavailable("draft-service is still loading its model"))
     }
 
-    fn worker_info(&self, loaded: &Loaded) -> pb::WorkerInfo {
+    fn worker_info(&self, loaded: &LoadedWorker) -> pb::WorkerInfo {
         pb::WorkerInfo {
             sessions_open: self.limiter.open() as u32,
             ..loaded.info.clone()
         }
-    }
-}
-
-fn runtime_status(e: RuntimeError) -> Status {
-    match e {
-        RuntimeError::Invalid(m) => Status::invalid_argument(m),
-        other => Status::internal(other.to_string()),
     }
 }
 
@@ -160,8 +148,7 @@ impl Draft for DraftService {
                                     }
                                     let res = match svc2.loaded() {
                                         Ok(l) => {
-                                            let mut lm =
-                                                l.lm.lock().unwrap_or_else(|p| p.into_inner());
+                                            let mut lm = l.lm();
                                             d.draft(&mut lm, &job).map_err(runtime_status)
                                         }
                                         Err(e) => Err(e),
@@ -205,18 +192,12 @@ impl Draft for DraftService {
 
 fn open_session(
     svc: &DraftService,
-    loaded: &Loaded,
+    loaded: &LoadedWorker,
     open: &pb::OpenDraft,
     drafter: &mut Option<Drafter>,
 ) -> Result<pb::DraftReply, Status> {
-    let ours = loaded.info.model.as_ref().map_or(0, |m| m.vocab_size);
-    if open.vocab_size != ours || open.tokenizer_fingerprint != loaded.info.tokenizer_fingerprint {
-        return Err(Status::failed_precondition(format!(
-            "incompatible draft worker: it has vocabulary {ours} / tokenizer {} but the caller has {} / {}; draft and target must share one tokenizer",
-            loaded.info.tokenizer_fingerprint, open.vocab_size, open.tokenizer_fingerprint
-        )));
-    }
-    let lm = loaded.lm.lock().unwrap_or_else(|p| p.into_inner());
+    loaded.check_caller(open.vocab_size, &open.tokenizer_fingerprint)?;
+    let lm = loaded.lm();
     *drafter = Some(Drafter::new(&lm).map_err(runtime_status)?);
     Ok(pb::DraftReply {
         kind: Some(draft_reply::Kind::Opened(svc.worker_info(loaded))),
@@ -248,23 +229,17 @@ pub async fn serve(
             intra_threads: args.threads,
             ort_lib: args.ort_lib.clone(),
         };
-        let max = args.max_sessions as u32;
+        let max = args.max_sessions;
         tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let tok = Tokenizer::from_file(&tok_path).map_err(|e| e.to_string())?;
-            let lm = CausalLm::load(&args_model, &opts).map_err(|e| e.to_string())?;
-            let info = pb::WorkerInfo {
-                role: "draft".into(),
-                model: Some(model_to_pb(lm.info())),
-                tokenizer_fingerprint: tok.fingerprint(),
-                devices: vec!["cpu".into()],
-                sessions_open: 0,
-                max_sessions: max,
-                version: env!("CARGO_PKG_VERSION").into(),
-            };
-            let _ = svc.loaded.set(Loaded {
-                lm: Mutex::new(lm),
-                info,
-            });
+            let worker = LoadedWorker::load(
+                "draft",
+                &args_model,
+                &tok_path,
+                &opts,
+                vec!["cpu".into()],
+                max,
+            )?;
+            let _ = svc.loaded.set(worker);
             Ok(())
         })
     };

@@ -5,6 +5,7 @@
 
 pub mod convert;
 pub mod serve;
+pub mod worker;
 
 /// Generated protocol code (`proto/duo/v1/duo.proto`).
 #[allow(clippy::all)]

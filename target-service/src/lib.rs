@@ -9,17 +9,16 @@
 pub mod devices;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
 use duo_core::engine::Verifier;
-use duo_core::runtime::{CausalLm, Device, ModelOptions, RuntimeError};
+use duo_core::runtime::{Device, ModelOptions};
 use duo_core::sampling::{Rng, SamplingParams, rng_from_seed};
-use duo_core::tokenizer::Tokenizer;
-use duo_rpc::convert::model_to_pb;
 use duo_rpc::pb::target_server::{Target, TargetServer};
 use duo_rpc::pb::{self, target_reply, target_request};
 use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection};
+use duo_rpc::worker::{LoadedWorker, runtime_status};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -58,14 +57,9 @@ pub struct Args {
     pub ort_lib: Option<PathBuf>,
 }
 
-struct Loaded {
-    lm: Mutex<CausalLm>,
-    info: pb::WorkerInfo,
-}
-
 #[derive(Clone)]
 struct TargetService {
-    loaded: Arc<OnceLock<Loaded>>,
+    loaded: Arc<OnceLock<LoadedWorker>>,
     limiter: SessionLimiter,
     cpu_core: Option<usize>,
 }
@@ -79,13 +73,13 @@ struct TargetSession {
 }
 
 impl TargetService {
-    fn loaded(&self) -> Result<&Loaded, Status> {
+    fn loaded(&self) -> Result<&LoadedWorker, Status> {
         self.loaded
             .get()
             .ok_or_else(|| Status::unavailable("target-service is still loading its model"))
     }
 
-    fn worker_info(&self, loaded: &Loaded) -> pb::WorkerInfo {
+    fn worker_info(&self, loaded: &LoadedWorker) -> pb::WorkerInfo {
         pb::WorkerInfo {
             sessions_open: self.limiter.open() as u32,
             ..loaded.info.clone()
@@ -93,25 +87,12 @@ impl TargetService {
     }
 }
 
-fn runtime_status(e: RuntimeError) -> Status {
-    match e {
-        RuntimeError::Invalid(m) => Status::invalid_argument(m),
-        other => Status::internal(other.to_string()),
-    }
-}
-
 fn open_session(
     svc: &TargetService,
-    loaded: &Loaded,
+    loaded: &LoadedWorker,
     open: &pb::OpenTarget,
 ) -> Result<(TargetSession, pb::TargetReply), Status> {
-    let ours = loaded.info.model.as_ref().map_or(0, |m| m.vocab_size);
-    if open.vocab_size != ours || open.tokenizer_fingerprint != loaded.info.tokenizer_fingerprint {
-        return Err(Status::failed_precondition(format!(
-            "incompatible target worker: it has vocabulary {ours} / tokenizer {} but the caller has {} / {}; draft and target must share one tokenizer",
-            loaded.info.tokenizer_fingerprint, open.vocab_size, open.tokenizer_fingerprint
-        )));
-    }
+    loaded.check_caller(open.vocab_size, &open.tokenizer_fingerprint)?;
     let sampling = SamplingParams {
         temperature: open.temperature,
         top_k: open.top_k as usize,
@@ -120,7 +101,7 @@ fn open_session(
     sampling
         .validate()
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let lm = loaded.lm.lock().unwrap_or_else(|p| p.into_inner());
+    let lm = loaded.lm();
     let session = TargetSession {
         verifier: Verifier::new(&lm).map_err(runtime_status)?,
         sampling,
@@ -206,8 +187,7 @@ impl Target for TargetService {
                                     }
                                     let res = match svc2.loaded() {
                                         Ok(l) => {
-                                            let mut lm =
-                                                l.lm.lock().unwrap_or_else(|p| p.into_inner());
+                                            let mut lm = l.lm();
                                             let tail =
                                                 &v.feed[v.feed.len() - v.tail_len as usize..];
                                             s.verifier
@@ -292,29 +272,16 @@ pub async fn serve(
             intra_threads: args.threads,
             ort_lib: args.ort_lib.clone(),
         };
-        let max = args.max_sessions as u32;
+        let max = args.max_sessions;
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             let devices = devices::describe(opts.device)?;
-            let tok = Tokenizer::from_file(&tok_path).map_err(|e| e.to_string())?;
-            let lm = CausalLm::load(&model, &opts).map_err(|e| e.to_string())?;
+            let worker = LoadedWorker::load("target", &model, &tok_path, &opts, devices, max)?;
             tracing::info!(
-                provider = lm.info().provider,
-                ?devices,
+                provider = worker.lm().info().provider,
+                devices = ?worker.info.devices,
                 "target model loaded"
             );
-            let info = pb::WorkerInfo {
-                role: "target".into(),
-                model: Some(model_to_pb(lm.info())),
-                tokenizer_fingerprint: tok.fingerprint(),
-                devices,
-                sessions_open: 0,
-                max_sessions: max,
-                version: env!("CARGO_PKG_VERSION").into(),
-            };
-            let _ = svc.loaded.set(Loaded {
-                lm: Mutex::new(lm),
-                info,
-            });
+            let _ = svc.loaded.set(worker);
             Ok(())
         })
     };

@@ -1,0 +1,78 @@
+//! What the draft and target workers share: loading the model with its
+//! `WorkerInfo`, checking a caller's tokenizer, and mapping runtime errors
+//! to gRPC statuses.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use duo_core::runtime::{CausalLm, ModelOptions, RuntimeError};
+use duo_core::tokenizer::Tokenizer;
+use tonic::Status;
+
+use crate::convert::model_to_pb;
+use crate::pb;
+
+/// A worker's loaded model and how it describes itself.
+pub struct LoadedWorker {
+    lm: Mutex<CausalLm>,
+    pub info: pb::WorkerInfo,
+}
+
+impl LoadedWorker {
+    /// Loads the tokenizer (for its fingerprint) and the model.
+    pub fn load(
+        role: &str,
+        model: &Path,
+        tokenizer: &Path,
+        opts: &ModelOptions,
+        devices: Vec<String>,
+        max_sessions: usize,
+    ) -> Result<Self, String> {
+        let tok = Tokenizer::from_file(tokenizer).map_err(|e| e.to_string())?;
+        let lm = CausalLm::load(model, opts).map_err(|e| e.to_string())?;
+        let info = pb::WorkerInfo {
+            role: role.into(),
+            model: Some(model_to_pb(lm.info())),
+            tokenizer_fingerprint: tok.fingerprint(),
+            devices,
+            sessions_open: 0,
+            max_sessions: max_sessions as u32,
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        Ok(Self {
+            lm: Mutex::new(lm),
+            info,
+        })
+    }
+
+    /// The model, for one call at a time (a poisoned lock is recovered: the
+    /// model holds no per-call state).
+    pub fn lm(&self) -> MutexGuard<'_, CausalLm> {
+        self.lm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn vocab_size(&self) -> u32 {
+        self.info.model.as_ref().map_or(0, |m| m.vocab_size)
+    }
+
+    /// FAILED_PRECONDITION unless the caller's vocabulary and tokenizer
+    /// fingerprint equal this worker's (mixing vocabularies corrupts output).
+    pub fn check_caller(&self, vocab_size: u32, fingerprint: &str) -> Result<(), Status> {
+        let ours = self.vocab_size();
+        if vocab_size != ours || fingerprint != self.info.tokenizer_fingerprint {
+            return Err(Status::failed_precondition(format!(
+                "incompatible {} worker: it has vocabulary {ours} / tokenizer {} but the caller has {vocab_size} / {fingerprint}; draft and target must share one tokenizer",
+                self.info.role, self.info.tokenizer_fingerprint
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A runtime error as the caller should see it.
+pub fn runtime_status(e: RuntimeError) -> Status {
+    match e {
+        RuntimeError::Invalid(m) => Status::invalid_argument(m),
+        other => Status::internal(other.to_string()),
+    }
+}
