@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use duo_core::engine::{Engine, GenerateParams, Generation, Mode};
+use duo_core::tokenizer::Tokenizer;
 use serde::Serialize;
 use serde_json::json;
 
@@ -46,10 +47,10 @@ pub struct BenchArgs {
     endpoint: Option<String>,
 }
 
-struct Prompt {
-    category: String,
-    ids: Vec<u32>,
-    cut: bool,
+pub(crate) struct Prompt {
+    pub category: String,
+    pub ids: Vec<u32>,
+    pub cut: bool,
 }
 
 #[derive(Default, Serialize, Clone)]
@@ -118,18 +119,6 @@ impl ModeTotals {
 }
 
 fn load_prompts(args: &BenchArgs, engine: &Engine) -> anyhow::Result<Vec<Prompt>> {
-    let files: Vec<PathBuf> = if args.prompts.is_empty() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/spec-bench");
-        let mut f: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-            .collect();
-        f.sort();
-        f
-    } else {
-        args.prompts.clone()
-    };
     let budget = engine
         .limits()
         .context_len
@@ -140,6 +129,29 @@ fn load_prompts(args: &BenchArgs, engine: &Engine) -> anyhow::Result<Vec<Prompt>
             args.max_new_tokens
         );
     }
+    read_prompts(&args.prompts, args.per_category, engine.tokenizer(), budget)
+}
+
+/// Prompts from JSON-lines files (default: the bundled Spec-Bench), at most
+/// `per_category` per category, each cut to its last `budget` tokens.
+pub(crate) fn read_prompts(
+    files: &[PathBuf],
+    per_category: usize,
+    tokenizer: &Tokenizer,
+    budget: usize,
+) -> anyhow::Result<Vec<Prompt>> {
+    let files: Vec<PathBuf> = if files.is_empty() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/spec-bench");
+        let mut f: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        f.sort();
+        f
+    } else {
+        files.to_vec()
+    };
     let mut out = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file)
@@ -164,11 +176,11 @@ fn load_prompts(args: &BenchArgs, engine: &Engine) -> anyhow::Result<Vec<Prompt>
                         .unwrap_or_default()
                 });
             let count = taken.entry(category.clone()).or_default();
-            if *count >= args.per_category {
+            if *count >= per_category {
                 continue;
             }
             *count += 1;
-            let mut ids = engine.tokenizer().encode(prompt)?;
+            let mut ids = tokenizer.encode(prompt)?;
             let cut = ids.len() > budget;
             if cut {
                 ids.drain(..ids.len() - budget);
@@ -370,7 +382,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn machine() -> serde_json::Value {
+pub(crate) fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

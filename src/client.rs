@@ -108,3 +108,70 @@ pub enum Prompt {
     Text(String),
     Ids(Vec<u32>),
 }
+
+#[derive(clap::Args)]
+pub struct HealthArgs {
+    /// The service's gRPC address, e.g. 127.0.0.1:50051.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub endpoint: String,
+    /// The service name to ask about (empty: the server as a whole).
+    #[arg(long, default_value = "")]
+    pub service: String,
+    #[arg(long, default_value_t = 3000)]
+    pub timeout_ms: u64,
+}
+
+/// `duo health`: exit 0 when the service reports SERVING, 1 otherwise
+/// (with one line saying why).
+pub fn health(a: &HealthArgs) -> std::process::ExitCode {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let check = async {
+        let uri = if a.endpoint.contains("://") {
+            a.endpoint.clone()
+        } else {
+            format!("http://{}", a.endpoint)
+        };
+        let channel = tonic::transport::Endpoint::from_shared(uri)?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", a.endpoint))?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: a.service.clone(),
+            })
+            .await?
+            .into_inner();
+        anyhow::Ok(reply.status)
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("duo health: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let timeout = Duration::from_millis(a.timeout_ms);
+    match rt.block_on(async { tokio::time::timeout(timeout, check).await }) {
+        Ok(Ok(1)) => {
+            println!("SERVING");
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(Ok(status)) => {
+            let name = tonic_health::pb::health_check_response::ServingStatus::try_from(status)
+                .map_or("UNKNOWN".to_string(), |s| s.as_str_name().to_string());
+            println!("{name}");
+            std::process::ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("duo health: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("duo health: no answer within {} ms", a.timeout_ms);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod load;
 mod up;
 
 use std::io::Write;
@@ -36,6 +37,18 @@ enum Command {
     /// Greedy autoregressive tokens/s of each model through the Rust runtime
     /// (the same loop the model card times with Python onnxruntime).
     BenchRuntime(RuntimeBenchArgs),
+    /// Throughput and latency under concurrent clients against a running
+    /// orchestrator (see docs/benchmark.md).
+    BenchLoad(load::LoadArgs),
+    /// Run the draft-service (the same flags as its own binary).
+    DraftService(draft_service::Args),
+    /// Run the target-service (the same flags as its own binary).
+    TargetService(target_service::Args),
+    /// Run the orchestrator (the same flags as its own binary).
+    Orchestrator(orchestrator::Args),
+    /// Ask a service's gRPC health endpoint; exit 0 when it is SERVING
+    /// (for container health checks).
+    Health(client::HealthArgs),
 }
 
 #[derive(Args)]
@@ -144,23 +157,39 @@ struct GenerateArgs {
     endpoint: Option<String>,
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // The services set up their own logging and runtime.
+    let command = match cli.command {
+        Command::DraftService(a) => return draft_service::main(&a),
+        Command::TargetService(a) => return target_service::main(&a),
+        Command::Orchestrator(a) => return orchestrator::main(&a),
+        Command::Health(a) => return client::health(&a),
+        other => other,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let res = match cli.command {
+    let res = match command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchLoad(a) => load::run(a),
         Command::Up(a) => up::run(a),
         Command::BenchRuntime(a) => bench_runtime(a),
+        Command::DraftService(_)
+        | Command::TargetService(_)
+        | Command::Orchestrator(_)
+        | Command::Health(_) => Ok(()),
     };
-    if let Err(e) = res {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! `duo up`: the three services as local processes on loopback, with the
 //! bundled pair; stops them on Ctrl-C (or after `--demo`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -64,22 +64,10 @@ impl Drop for Deployment {
     }
 }
 
-/// The service binaries live next to `duo` (same cargo target folder).
-fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("duo has no parent folder")?;
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!(
-            "{} not found: build the services first with `cargo build --release --workspace` (or the same profile as duo)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 fn spawn(name: &str, args: &[String], log: bool) -> anyhow::Result<(String, Child)> {
-    let mut cmd = Command::new(binary(name)?);
+    // `duo` runs each service itself (`duo draft-service ...`).
+    let mut cmd = Command::new(std::env::current_exe().context("locating the duo binary")?);
+    cmd.arg(name);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env(
             "RUST_LOG",

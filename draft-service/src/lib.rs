@@ -14,10 +14,9 @@ use duo_core::spec::policy::{BranchPolicy, MAX_BRANCHES};
 use duo_rpc::convert::{sync_from_pb, tree_to_pb};
 use duo_rpc::pb::draft_server::{Draft, DraftServer};
 use duo_rpc::pb::{self, draft_reply, draft_request};
-use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection};
-use duo_rpc::worker::{LoadedWorker, runtime_status};
+use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection};
+use duo_rpc::worker::{LoadedWorker, Next, idle_status, next_request, runtime_status};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -39,9 +38,8 @@ pub struct Args {
     /// ONNX Runtime intra-op threads.
     #[arg(long, env = "DUO_THREADS", default_value_t = 1)]
     pub threads: usize,
-    /// Most sessions held at once (RESOURCE_EXHAUSTED beyond).
-    #[arg(long, env = "DUO_MAX_SESSIONS", default_value_t = 64)]
-    pub max_sessions: usize,
+    #[command(flatten)]
+    pub sessions: SessionArgs,
     /// Pin model work to this CPU core (e.g. keep target and draft workers
     /// on separate cores of one host); unset = no pinning.
     #[arg(long, env = "DUO_CPU_CORE")]
@@ -55,6 +53,7 @@ pub struct Args {
 struct DraftService {
     loaded: Arc<OnceLock<LoadedWorker>>,
     limiter: SessionLimiter,
+    ttl: Option<std::time::Duration>,
     cpu_core: Option<usize>,
 }
 
@@ -67,7 +66,7 @@ impl DraftService {
 
     fn worker_info(&self, loaded: &LoadedWorker) -> pb::WorkerInfo {
         pb::WorkerInfo {
-            sessions_open: self.limiter.open() as u32,
+            sessions_open: self.limiter.open_count() as u32,
             ..loaded.info.clone()
         }
     }
@@ -109,7 +108,8 @@ impl Draft for DraftService {
         request: Request<Streaming<pb::DraftRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         self.loaded()?;
-        let slot = self.limiter.try_open("draft-service")?;
+        let slot = self.limiter.open("draft-service").await?;
+        metrics::counter!("duo_draft_sessions_total").increment(1);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let svc = self.clone();
@@ -122,16 +122,24 @@ impl Draft for DraftService {
                 .as_ref()
                 .map_or(0, |m| m.vocab_size as usize);
             let mut drafter: Option<Drafter> = None;
-            while let Some(msg) = inbound.next().await {
-                let reply = match msg.map(|m| m.kind) {
-                    Err(_) => break, // the client went away
-                    Ok(None) => Err(Status::invalid_argument(
+            loop {
+                let msg = match next_request(&mut inbound, svc.ttl).await {
+                    Next::Message(m) => m,
+                    Next::Closed => break,
+                    Next::Idle(ttl) => {
+                        tracing::info!("closing an idle session");
+                        let _ = tx.send(Err(idle_status("draft-service", ttl))).await;
+                        break;
+                    }
+                };
+                let reply = match msg.kind {
+                    None => Err(Status::invalid_argument(
                         "empty DraftRequest: set open or draft",
                     )),
-                    Ok(Some(draft_request::Kind::Open(open))) => {
+                    Some(draft_request::Kind::Open(open)) => {
                         open_session(&svc, loaded, &open, &mut drafter)
                     }
-                    Ok(Some(draft_request::Kind::Draft(job))) => {
+                    Some(draft_request::Kind::Draft(job)) => {
                         match (drafter.take(), check_job(&job, vocab)) {
                             (None, _) => Err(Status::failed_precondition(
                                 "send OpenDraft before drafting",
@@ -159,6 +167,13 @@ impl Draft for DraftService {
                                 match done {
                                     Ok((d, res)) => {
                                         drafter = Some(d);
+                                        if let Ok(tree) = &res {
+                                            metrics::counter!("duo_draft_jobs_total").increment(1);
+                                            metrics::counter!("duo_draft_tokens_total")
+                                                .increment(tree.tokens() as u64);
+                                            metrics::histogram!("duo_draft_job_seconds")
+                                                .record(tree.secs);
+                                        }
                                         res.map(|tree| pb::DraftReply {
                                             kind: Some(draft_reply::Kind::Tree(tree_to_pb(&tree))),
                                         })
@@ -204,19 +219,36 @@ fn open_session(
     })
 }
 
+/// The `draft-service` command: serves `args` until SIGTERM or Ctrl-C.
+pub fn main(args: &Args) -> std::process::ExitCode {
+    duo_rpc::serve::run_main("draft-service", &args.common, |listener| {
+        serve(args.clone(), listener, duo_rpc::serve::shutdown_signal())
+    })
+}
+
 /// Serves on `listener` until `shutdown` resolves (then drains and returns).
 pub async fn serve(
     args: Args,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    duo_rpc::metrics::install();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    if let Some(addr) = args.common.metrics_listen {
+        duo_rpc::metrics::spawn_server(addr, duo_rpc::serve::stopped(&stop_rx)).await?;
+    }
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_not_serving::<DraftServer<DraftService>>()
         .await;
     let svc = DraftService {
         loaded: Arc::new(OnceLock::new()),
-        limiter: SessionLimiter::new(args.max_sessions),
+        limiter: args.sessions.limiter("duo_draft_sessions_open"),
+        ttl: args.sessions.ttl(),
         cpu_core: args.cpu_core,
     };
     tracing::info!(listen = ?listener.local_addr().ok(), "draft-service listening (loading model)");
@@ -229,7 +261,7 @@ pub async fn serve(
             intra_threads: args.threads,
             ort_lib: args.ort_lib.clone(),
         };
-        let max = args.max_sessions;
+        let max = args.sessions.max_sessions;
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             let worker = LoadedWorker::load(
                 "draft",
@@ -249,7 +281,7 @@ pub async fn serve(
         .add_service(DraftServer::new(svc.clone()))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
+            duo_rpc::serve::stopped(&stop_rx),
         );
     let mut server = std::pin::pin!(server);
     tokio::select! {

@@ -4,7 +4,9 @@
 //! test is fast and has power: the first emitted tokens under speculative
 //! and duodecoding must follow the target's exact distribution.
 
-use duo_core::engine::session::{self, DraftSide, GenerateParams, Limits, Mode, TargetSide};
+use duo_core::engine::session::{
+    self, DraftSide, GenerateParams, Limits, Mode, Recovery, TargetSide,
+};
 use duo_core::engine::{DraftJob, DraftTree, EngineError, TargetVerdict};
 use duo_core::sampling::{Rng, SamplingParams, argmax, rng_from_seed, top_softmax};
 use duo_core::spec::budget::{BudgetConfig, BudgetController};
@@ -116,6 +118,62 @@ impl DraftSide for ToyDraft {
     }
 }
 
+/// A draft worker that dies every `period`-th call: like a worker process
+/// killed mid-generation, it loses its state, and the replacement (after
+/// `recover`) starts empty. Two recoveries in three are `Later` (no worker
+/// free yet), so the loop also runs draftless rounds.
+struct Flaky {
+    inner: ToyDraft,
+    calls: usize,
+    period: usize,
+    recoveries: usize,
+}
+
+impl Flaky {
+    fn new(period: usize) -> Self {
+        Self {
+            inner: ToyDraft {
+                ctx: Vec::new(),
+                last: Vec::new(),
+                pending: None,
+            },
+            calls: 0,
+            period,
+            recoveries: 0,
+        }
+    }
+
+    fn tick(&mut self) -> Result<(), EngineError> {
+        self.calls += 1;
+        if self.calls.is_multiple_of(self.period) {
+            return Err(EngineError::Unavailable("draft", "worker died".into()));
+        }
+        Ok(())
+    }
+}
+
+impl DraftSide for Flaky {
+    fn submit(&mut self, job: DraftJob) -> Result<(), EngineError> {
+        self.tick()?;
+        self.inner.submit(job)
+    }
+
+    fn collect(&mut self) -> Result<DraftTree, EngineError> {
+        self.tick()?;
+        self.inner.collect()
+    }
+
+    fn recover(&mut self) -> Recovery {
+        self.recoveries += 1;
+        self.inner = Flaky::new(1).inner;
+        if self.recoveries % 3 == 1 {
+            Recovery::Ready
+        } else {
+            Recovery::Later
+        }
+    }
+}
+
 fn tokenizer() -> Tokenizer {
     Tokenizer::from_file(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -126,6 +184,17 @@ fn tokenizer() -> Tokenizer {
 
 /// Runs `n` generations of 3 tokens and returns counts of (x1, x2) pairs.
 fn joint_counts(mode: Mode, sampling: SamplingParams, gamma: usize, n: usize) -> Vec<u32> {
+    joint_counts_with(mode, sampling, gamma, n, None)
+}
+
+/// As [`joint_counts`]; with `flaky_period`, the draft dies every that many calls.
+fn joint_counts_with(
+    mode: Mode,
+    sampling: SamplingParams,
+    gamma: usize,
+    n: usize,
+    flaky_period: Option<usize>,
+) -> Vec<u32> {
     let tok = tokenizer();
     let limits = Limits {
         context_len: 64,
@@ -154,10 +223,11 @@ fn joint_counts(mode: Mode, sampling: SamplingParams, gamma: usize, n: usize) ->
             max_branches: 4,
             ..GenerateParams::default()
         };
-        let draft_side: Option<&mut dyn DraftSide> = if mode == Mode::Autoregressive {
-            None
-        } else {
-            Some(&mut draft)
+        let mut flaky = flaky_period.map(Flaky::new);
+        let draft_side: Option<&mut dyn DraftSide> = match (mode, flaky.as_mut()) {
+            (Mode::Autoregressive, _) => None,
+            (_, Some(f)) => Some(f),
+            (_, None) => Some(&mut draft),
         };
         let g = session::run(
             &mut target,
@@ -227,4 +297,79 @@ fn the_harness_detects_a_biased_sampler() {
     );
     let stat = chi_square(&counts, &exact_joint(SamplingParams::with_temperature(1.0)));
     assert!(stat.p_value < 0.01, "{stat:?}");
+}
+
+#[test]
+fn a_dying_draft_leaves_the_sampled_distribution_unchanged() {
+    let s = SamplingParams::with_temperature(1.0);
+    let exact = exact_joint(s);
+    for mode in [Mode::Speculative, Mode::Duodecoding] {
+        for period in [2, 3] {
+            let counts = joint_counts_with(mode, s, 3, 6000, Some(period));
+            let stat = chi_square(&counts, &exact);
+            assert!(stat.p_value > 0.01, "{mode} period {period}: {stat:?}");
+        }
+    }
+}
+
+#[test]
+fn a_dying_draft_leaves_greedy_output_unchanged() {
+    let tok = tokenizer();
+    let limits = Limits {
+        context_len: 128,
+        vocab_size: 2048,
+        eos: None,
+    };
+    let run = |mode: Mode, flaky: Option<usize>| {
+        let mut target = ToyTarget {
+            ctx: Vec::new(),
+            sampling: SamplingParams::greedy(),
+            rng: rng_from_seed(1),
+        };
+        let mut draft = flaky.map(Flaky::new);
+        let params = GenerateParams {
+            max_new_tokens: 60,
+            mode,
+            gamma: Some(3),
+            ..GenerateParams::default()
+        };
+        let mut budget = BudgetController::new(BudgetConfig::fixed(3));
+        session::run(
+            &mut target,
+            draft.as_mut().map(|d| d as &mut dyn DraftSide),
+            &tok,
+            &limits,
+            &mut budget,
+            vec![2, 0, 5],
+            &params,
+            &mut |_, _, _| true,
+        )
+        .unwrap()
+    };
+    let reference = run(Mode::Autoregressive, None).tokens;
+    for mode in [Mode::Speculative, Mode::Duodecoding] {
+        for period in [2, 3, 5, 7] {
+            let g = run(mode, Some(period));
+            assert_eq!(
+                g.tokens, reference,
+                "{mode} with a draft dying every {period} calls"
+            );
+            assert!(
+                g.stats.draft_failures > 0,
+                "{mode} {period}: no failure injected"
+            );
+            assert!(
+                g.stats.draftless_rounds > 0,
+                "{mode} {period}: never ran draftless"
+            );
+            // (With every second call failing, speculative mode's
+            // submit-then-collect never completes.)
+            if period > 2 {
+                assert!(
+                    g.stats.accepted > 0,
+                    "{mode} {period}: the draft never helped"
+                );
+            }
+        }
+    }
 }

@@ -3,13 +3,15 @@
 //! and runs the core's speculative loop across both (the same loop the
 //! in-process engine runs), streaming verified text to the client.
 
+mod failover;
 pub mod openai;
+pub mod pool;
 mod remote;
+mod telemetry;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use duo_core::engine::session::{self, GenerateParams, Limits};
@@ -18,12 +20,13 @@ use duo_core::sampling::SamplingParams;
 use duo_core::spec::budget::{BudgetConfig, BudgetController};
 use duo_core::tokenizer::Tokenizer;
 use duo_rpc::convert::{finish_to_pb, mode_from_pb, stats_to_pb};
-use duo_rpc::pb::draft_client::DraftClient;
 use duo_rpc::pb::generation_server::{Generation as GenerationApi, GenerationServer};
 use duo_rpc::pb::target_client::TargetClient;
 use duo_rpc::pb::{self, generate_request};
 use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection};
-use remote::{RemoteDraft, RemoteTarget};
+use failover::PooledDraft;
+use pool::{DraftPool, PoolConfig, Resolver, SystemResolver};
+use remote::RemoteTarget;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -48,6 +51,30 @@ pub struct Args {
     /// draft-service addresses (repeat, or comma-separate in the env var).
     #[arg(long = "draft", env = "DUO_DRAFTS", value_delimiter = ',')]
     pub drafts: Vec<String>,
+    /// DNS names (`host:port`) whose addresses are all draft workers, e.g.
+    /// a compose service scaled with `--scale draft=4` or a Kubernetes
+    /// headless service; re-resolved every --discovery-interval-ms.
+    #[arg(long = "draft-dns", env = "DUO_DRAFT_DNS", value_delimiter = ',')]
+    pub draft_dns: Vec<String>,
+    #[arg(long, env = "DUO_DISCOVERY_INTERVAL_MS", default_value_t = 5000)]
+    pub discovery_interval_ms: u64,
+    /// How often every draft worker and the target are probed.
+    #[arg(long, env = "DUO_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    pub health_interval_ms: u64,
+    /// Generations that may wait for a draft worker when all are full;
+    /// beyond, and after --draft-queue-timeout-ms, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DUO_DRAFT_QUEUE", default_value_t = 64)]
+    pub draft_queue: usize,
+    #[arg(long, env = "DUO_DRAFT_QUEUE_TIMEOUT_MS", default_value_t = 5000)]
+    pub draft_queue_timeout_ms: u64,
+    /// Longest wait for one draft; a worker slower than this is failed
+    /// over (the generation goes on, unchanged).
+    #[arg(long, env = "DUO_DRAFT_TIMEOUT_MS", default_value_t = 2000)]
+    pub draft_timeout_ms: u64,
+    /// Longest wait for one verification; beyond, the generation fails
+    /// with UNAVAILABLE.
+    #[arg(long, env = "DUO_TARGET_TIMEOUT_MS", default_value_t = 30000)]
+    pub target_timeout_ms: u64,
     /// tokenizer.json (must match the workers').
     #[arg(long, env = "DUO_TOKENIZER")]
     pub tokenizer: PathBuf,
@@ -63,17 +90,13 @@ pub struct Args {
     pub chat_assistant_name: String,
 }
 
-struct DraftWorker {
-    address: String,
-    client: DraftClient<Channel>,
-    active: AtomicUsize,
-}
-
 struct State {
     tokenizer: Tokenizer,
     fingerprint: String,
     target: TargetClient<Channel>,
-    drafts: Vec<DraftWorker>,
+    pool: Arc<DraftPool>,
+    draft_timeout: Duration,
+    target_timeout: Duration,
     limits: Mutex<Option<Limits>>,
     budget: Mutex<BudgetController>,
     limiter: SessionLimiter,
@@ -196,16 +219,22 @@ impl Orchestrator {
         Ok((prompt, params, limits))
     }
 
-    /// The draft worker with the fewest generations from this orchestrator.
-    fn pick_draft(&self) -> Option<usize> {
-        (0..self.0.drafts.len()).min_by_key(|&i| self.0.drafts[i].active.load(Ordering::Relaxed))
-    }
-
     /// Runs one generation. `out` receives the stream, or (unary) only
     /// signals liveness: when its receiver is dropped — the client went away
     /// or its deadline passed — the generation stops at the next round and
     /// both sessions are freed.
     async fn run(
+        &self,
+        req: pb::GenerateRequest,
+        out: Output,
+    ) -> Result<(Generation, String), Status> {
+        let mode = req.mode;
+        let res = self.run_inner(req, out).await;
+        telemetry::record_request(mode, &res);
+        res
+    }
+
+    async fn run_inner(
         &self,
         req: pb::GenerateRequest,
         out: Output,
@@ -226,59 +255,45 @@ impl Orchestrator {
                 seed: params.seed,
                 logprobs: params.logprobs,
             },
+            st.target_timeout,
         )
         .await
         .map_err(|s| remote_status("target-service", s))?;
-        let mut draft_name = String::new();
         let draft = if params.mode == Mode::Autoregressive {
             None
+        } else if !st.pool.configured() {
+            return Err(Status::unavailable(
+                "no draft worker configured: start a draft-service and pass --draft or --draft-dns, or use MODE_AUTOREGRESSIVE",
+            ));
         } else {
-            let Some(wi) = self.pick_draft() else {
-                return Err(Status::unavailable(
-                    "no draft worker configured: start a draft-service and pass --draft, or use MODE_AUTOREGRESSIVE",
-                ));
+            let open = pb::OpenDraft {
+                vocab_size: limits.vocab_size as u32,
+                tokenizer_fingerprint: st.fingerprint.clone(),
             };
-            let worker = &st.drafts[wi];
-            worker.active.fetch_add(1, Ordering::Relaxed);
-            let opened = RemoteDraft::open(
-                worker.client.clone(),
-                pb::OpenDraft {
-                    vocab_size: limits.vocab_size as u32,
-                    tokenizer_fingerprint: st.fingerprint.clone(),
-                },
-            )
-            .await;
-            let opened = match opened {
-                Ok((d, _)) => d,
-                Err(s) => {
-                    worker.active.fetch_sub(1, Ordering::Relaxed);
-                    return Err(remote_status("draft-service", s));
-                }
-            };
-            draft_name = worker.address.clone();
-            Some((opened, wi))
+            Some(PooledDraft::open(st.pool.clone(), open, st.draft_timeout).await?)
         };
         let budget = st.budget.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let this = self.clone();
-        let worker_name = draft_name.clone();
-        let (gen_result, failure, budget) = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let (gen_result, failure, budget, workers) = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let mut target = target;
             let mut budget = budget;
-            let (mut draft, worker) = match draft {
-                Some((d, w)) => (Some(d), Some(w)),
-                None => (None, None),
-            };
-            let mut sink = |text: &str, ids: &[u32], logprobs: &[f32]| match &out {
-                Output::Stream(tx) => tx
-                    .blocking_send(Ok(pb::GenerateChunk {
-                        text: text.to_string(),
-                        token_ids: ids.to_vec(),
-                        logprobs: logprobs.to_vec(),
-                        r#final: None,
-                    }))
-                    .is_ok(),
-                Output::Unary(alive) => !alive.is_closed(),
+            let mut draft = draft;
+            let mut last_emit: Option<Instant> = None;
+            let mut sink = |text: &str, ids: &[u32], logprobs: &[f32]| {
+                telemetry::record_emission(&mut last_emit, started, ids.len());
+                match &out {
+                    Output::Stream(tx) => tx
+                        .blocking_send(Ok(pb::GenerateChunk {
+                            text: text.to_string(),
+                            token_ids: ids.to_vec(),
+                            logprobs: logprobs.to_vec(),
+                            r#final: None,
+                        }))
+                        .is_ok(),
+                    Output::Unary(alive) => !alive.is_closed(),
+                }
             };
             let st = &this.0;
             let res = session::run(
@@ -291,29 +306,19 @@ impl Orchestrator {
                 &params,
                 &mut sink,
             );
-            if let Some(wi) = worker {
-                st.drafts[wi].active.fetch_sub(1, Ordering::Relaxed);
-            }
-            let failure = target
-                .failure
-                .0
-                .take()
-                .or_else(|| draft.as_mut().and_then(|d| d.failure.0.take()));
-            (res, failure, budget)
+            let failure = target.failure.0.take();
+            let workers = draft.map(|d| d.workers.join(",")).unwrap_or_default();
+            (res, failure, budget, workers)
         })
         .await
         .map_err(|e| Status::internal(format!("generation task failed: {e}")))?;
         *st.budget.lock().unwrap_or_else(|p| p.into_inner()) = budget;
         match (gen_result, failure) {
-            (Ok(g), _) => Ok((g, worker_name)),
-            (Err(_), Some(s)) => Err(remote_status(
-                if s.message().contains("draft") {
-                    "draft-service"
-                } else {
-                    "target-service"
-                },
-                s,
-            )),
+            (Ok(g), _) => {
+                telemetry::record_generation(&g);
+                Ok((g, workers))
+            }
+            (Err(_), Some(s)) => Err(remote_status("target-service", s)),
             (Err(e), None) => Err(engine_status(e)),
         }
     }
@@ -403,12 +408,7 @@ impl GenerationApi for Orchestrator {
                 Status::unavailable(format!("target-service unavailable: {}", s.message()))
             })?
             .into_inner();
-        let mut drafts = Vec::new();
-        for w in &st.drafts {
-            if let Ok(info) = w.client.clone().describe(pb::DescribeRequest {}).await {
-                drafts.push(info.into_inner());
-            }
-        }
+        let drafts = st.pool.describe_healthy().await;
         let limits = self.limits().await?;
         Ok(Response::new(pb::InfoResponse {
             target: Some(target),
@@ -425,11 +425,12 @@ impl GenerationApi for Orchestrator {
                 "streaming".into(),
             ],
             context_len: limits.context_len as u32,
+            draft_pool: st.pool.states(),
         }))
     }
 }
 
-fn endpoint(address: &str) -> Result<Endpoint, String> {
+pub(crate) fn endpoint(address: &str) -> Result<Endpoint, String> {
     let uri = if address.contains("://") {
         address.to_string()
     } else {
@@ -444,6 +445,27 @@ fn endpoint(address: &str) -> Result<Endpoint, String> {
         .map_err(|e| format!("bad address {address:?}: {e}"))
 }
 
+/// The `orchestrator` command: serves `args` until SIGTERM or Ctrl-C.
+pub fn main(args: &Args) -> std::process::ExitCode {
+    duo_rpc::serve::run_main("orchestrator", &args.common, |listener| async move {
+        let http = match args.http_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen on {addr} for HTTP: {e}"))?,
+            ),
+            None => None,
+        };
+        serve(
+            args.clone(),
+            listener,
+            http,
+            duo_rpc::serve::shutdown_signal(),
+        )
+        .await
+    })
+}
+
 /// Serves gRPC on `listener` (and the OpenAI HTTP API on `http`, if given)
 /// until `shutdown` resolves, then drains and returns.
 pub async fn serve(
@@ -452,38 +474,56 @@ pub async fn serve(
     http: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    serve_with_resolver(args, listener, http, shutdown, Arc::new(SystemResolver)).await
+}
+
+/// [`serve`], resolving `--draft-dns` names with `resolver`.
+pub async fn serve_with_resolver(
+    args: Args,
+    listener: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    resolver: Arc<dyn Resolver>,
+) -> Result<(), String> {
+    duo_rpc::metrics::install();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let stopped = |rx: &tokio::sync::watch::Receiver<bool>| {
-        let mut rx = rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    let stopped = duo_rpc::serve::stopped;
+    if let Some(addr) = args.common.metrics_listen {
+        duo_rpc::metrics::spawn_server(addr, stopped(&stop_rx)).await?;
+    }
     let tokenizer = Tokenizer::from_file(&args.tokenizer).map_err(|e| e.to_string())?;
-    let drafts = args
-        .drafts
-        .iter()
-        .filter(|d| !d.is_empty())
-        .map(|d| {
-            Ok(DraftWorker {
-                address: d.clone(),
-                client: DraftClient::new(endpoint(d)?.connect_lazy()),
-                active: AtomicUsize::new(0),
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let fingerprint = tokenizer.fingerprint();
+    let ms = Duration::from_millis;
+    let pool = DraftPool::new(
+        PoolConfig {
+            static_addrs: args.drafts.clone(),
+            dns_names: args.draft_dns.clone(),
+            discovery_interval: ms(args.discovery_interval_ms.max(100)),
+            health_interval: ms(args.health_interval_ms.max(50)),
+            probe_timeout: ms(args.health_interval_ms.clamp(500, 5000)),
+            queue: args.draft_queue,
+            queue_timeout: ms(args.draft_queue_timeout_ms),
+            fingerprint: fingerprint.clone(),
+        },
+        resolver,
+    )?;
+    pool.discover().await;
+    pool.spawn_tasks(stop_rx.clone());
     let state = Arc::new(State {
-        fingerprint: tokenizer.fingerprint(),
+        fingerprint,
         tokenizer,
         target: TargetClient::new(endpoint(&args.target)?.connect_lazy()),
-        drafts,
+        pool,
+        draft_timeout: ms(args.draft_timeout_ms.max(1)),
+        target_timeout: ms(args.target_timeout_ms.max(1)),
         limits: Mutex::new(None),
         budget: Mutex::new(BudgetController::new(BudgetConfig::default())),
-        limiter: SessionLimiter::new(args.max_generations),
+        limiter: SessionLimiter::new(args.max_generations)
+            .with_gauge("duo_orchestrator_generations_open"),
         chat_template: openai::ChatTemplate {
             assistant_name: args.chat_assistant_name.clone(),
         },
@@ -493,36 +533,16 @@ pub async fn serve(
     health_reporter
         .set_not_serving::<GenerationServer<Orchestrator>>()
         .await;
-    tracing::info!(listen = ?listener.local_addr().ok(), target = %args.target, drafts = ?args.drafts, "orchestrator listening");
-    // SERVING once the target answers and matches our tokenizer.
-    let ready = {
-        let svc = svc.clone();
-        let reporter = health_reporter.clone();
-        async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                match svc.limits().await {
-                    Ok(_) => {
-                        reporter
-                            .set_serving::<GenerationServer<Orchestrator>>()
-                            .await;
-                        tracing::info!("orchestrator serving");
-                        return;
-                    }
-                    Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                        tracing::error!("{}", s.message());
-                    }
-                    Err(s) => tracing::debug!("waiting for target-service: {}", s.message()),
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    };
-    tokio::spawn(ready);
+    tracing::info!(listen = ?listener.local_addr().ok(), target = %args.target, drafts = ?args.drafts, draft_dns = ?args.draft_dns, "orchestrator listening");
+    tokio::spawn(watch_health(
+        svc.clone(),
+        health_reporter.clone(),
+        ms(args.health_interval_ms.max(50)),
+        stop_rx.clone(),
+    ));
     if let Some(http) = http {
-        tracing::info!(listen = ?http.local_addr().ok(), "OpenAI-compatible HTTP API listening");
-        let app = openai::router(svc.clone());
+        tracing::info!(listen = ?http.local_addr().ok(), "OpenAI-compatible HTTP API listening (and /metrics)");
+        let app = openai::router(svc.clone()).merge(duo_rpc::metrics::router());
         let stop = stopped(&stop_rx);
         tokio::spawn(async move {
             if let Err(e) = axum::serve(http, app).with_graceful_shutdown(stop).await {
@@ -544,4 +564,94 @@ pub async fn serve(
         .set_not_serving::<GenerationServer<Orchestrator>>()
         .await;
     Ok(())
+}
+
+/// Keeps the orchestrator's health current: `duo.v1.Generation` (and the
+/// server as a whole) is SERVING while the target answers and matches our
+/// tokenizer, NOT_SERVING while it is down — probed every `interval`, with
+/// backoff up to 2 s while down (the channel reconnects by itself);
+/// `duo.v1.Draft` is SERVING while at least one draft worker is healthy
+/// (without one, generations still run, target-only).
+async fn watch_health(
+    svc: Orchestrator,
+    reporter: tonic_health::server::HealthReporter,
+    interval: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    let stopped = duo_rpc::serve::stopped(&stop);
+    tokio::pin!(stopped);
+    let mut up: Option<bool> = None;
+    let mut drafts_up: Option<bool> = None;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let probe = async {
+            let info = svc
+                .0
+                .target
+                .clone()
+                .describe(pb::DescribeRequest {})
+                .await
+                .map_err(|s| Status::unavailable(s.message().to_string()))?
+                .into_inner();
+            check_worker(&svc.0, &info)?;
+            svc.limits().await
+        };
+        let res = tokio::time::timeout(Duration::from_secs(5), probe)
+            .await
+            .unwrap_or_else(|_| Err(Status::unavailable("health probe timed out")));
+        let now_up = res.is_ok();
+        if up != Some(now_up) {
+            let status = if now_up {
+                tracing::info!("target-service reachable: orchestrator serving");
+                ServingStatus::Serving
+            } else {
+                let why = res
+                    .as_ref()
+                    .err()
+                    .map(|s| s.message().to_string())
+                    .unwrap_or_default();
+                if res
+                    .as_ref()
+                    .is_err_and(|s| s.code() == tonic::Code::FailedPrecondition)
+                {
+                    tracing::error!("{why}");
+                } else if up.is_some() {
+                    tracing::warn!("target-service unreachable: not serving ({why})");
+                }
+                ServingStatus::NotServing
+            };
+            reporter
+                .set_service_status(
+                    <GenerationServer<Orchestrator> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+            reporter.set_service_status("", status).await;
+            metrics::gauge!("duo_orchestrator_target_up").set(f64::from(u8::from(now_up)));
+            up = Some(now_up);
+        }
+        let d_up = svc.0.pool.healthy_count() > 0;
+        if drafts_up != Some(d_up) {
+            let status = if d_up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status("duo.v1.Draft", status).await;
+            drafts_up = Some(d_up);
+        }
+        let wait = if now_up {
+            delay = Duration::from_millis(100);
+            interval
+        } else {
+            let d = delay;
+            delay = (delay * 2).min(Duration::from_secs(2));
+            d
+        };
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
 }

@@ -5,6 +5,8 @@
 //! Dropping them closes the streams, which frees the sessions on the
 //! services.
 
+use std::time::Duration;
+
 use duo_core::engine::{DraftJob, DraftSide, DraftTree, EngineError, TargetSide, TargetVerdict};
 use duo_core::spec::verify::ChainVerdict;
 use duo_rpc::convert::{sync_to_pb, tree_from_pb};
@@ -32,6 +34,8 @@ pub struct RemoteTarget {
     handle: Handle,
     tx: mpsc::Sender<pb::TargetRequest>,
     rx: Streaming<pb::TargetReply>,
+    /// Longest wait for one verdict.
+    timeout: Duration,
     pub failure: Failure,
 }
 
@@ -40,6 +44,7 @@ impl RemoteTarget {
     pub async fn open(
         mut client: TargetClient<Channel>,
         open: pb::OpenTarget,
+        timeout: Duration,
     ) -> Result<(Self, pb::WorkerInfo), Status> {
         let (tx, rx) = mpsc::channel(4);
         tx.send(pb::TargetRequest {
@@ -56,6 +61,7 @@ impl RemoteTarget {
                     handle: Handle::current(),
                     tx,
                     rx,
+                    timeout,
                     failure: Failure::default(),
                 },
                 info,
@@ -81,12 +87,19 @@ impl TargetSide for RemoteTarget {
                 tail_len: tail.len() as u32,
             })),
         };
-        let (tx, rx) = (&self.tx, &mut self.rx);
+        let (tx, rx, timeout) = (&self.tx, &mut self.rx, self.timeout);
         let reply = self.handle.block_on(async move {
             tx.send(req)
                 .await
                 .map_err(|_| Status::unavailable("target session closed"))?;
-            rx.message().await
+            tokio::time::timeout(timeout, rx.message())
+                .await
+                .map_err(|_| {
+                    Status::unavailable(format!(
+                        "no verdict within {} ms (--target-timeout-ms)",
+                        timeout.as_millis()
+                    ))
+                })?
         });
         match reply {
             Ok(Some(pb::TargetReply {
@@ -120,6 +133,8 @@ pub struct RemoteDraft {
     handle: Handle,
     tx: mpsc::Sender<pb::DraftRequest>,
     rx: Streaming<pb::DraftReply>,
+    /// Longest wait for one tree: a worker that hangs counts as failed.
+    timeout: Duration,
     pub failure: Failure,
 }
 
@@ -128,6 +143,7 @@ impl RemoteDraft {
     pub async fn open(
         mut client: DraftClient<Channel>,
         open: pb::OpenDraft,
+        timeout: Duration,
     ) -> Result<(Self, pb::WorkerInfo), Status> {
         let (tx, rx) = mpsc::channel(4);
         tx.send(pb::DraftRequest {
@@ -144,6 +160,7 @@ impl RemoteDraft {
                     handle: Handle::current(),
                     tx,
                     rx,
+                    timeout,
                     failure: Failure::default(),
                 },
                 info,
@@ -176,8 +193,18 @@ impl DraftSide for RemoteDraft {
     }
 
     fn collect(&mut self) -> Result<DraftTree, EngineError> {
-        let rx = &mut self.rx;
-        match self.handle.block_on(async move { rx.message().await }) {
+        let (rx, timeout) = (&mut self.rx, self.timeout);
+        let reply = self.handle.block_on(async move {
+            tokio::time::timeout(timeout, rx.message())
+                .await
+                .map_err(|_| {
+                    Status::unavailable(format!(
+                        "no draft within {} ms (--draft-timeout-ms)",
+                        timeout.as_millis()
+                    ))
+                })?
+        });
+        match reply {
             Ok(Some(pb::DraftReply {
                 kind: Some(draft_reply::Kind::Tree(t)),
             })) => Ok(tree_from_pb(t)),

@@ -57,6 +57,8 @@ pub fn stats_to_pb(s: &Stats, draft_worker: &str) -> pb::Stats {
             .collect(),
         draft_worker: draft_worker.to_string(),
         mode: mode_to_pb(s.mode) as i32,
+        draft_failures: s.draft_failures as u32,
+        draftless_rounds: s.draftless_rounds as u32,
     }
 }
 

@@ -4,6 +4,7 @@
 //! shutdown, session limits).
 
 pub mod convert;
+pub mod metrics;
 pub mod serve;
 pub mod worker;
 

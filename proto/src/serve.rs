@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
@@ -17,6 +18,45 @@ pub struct CommonArgs {
     /// Log format: human or json.
     #[arg(long, env = "DUO_LOG_FORMAT", default_value = "human")]
     pub log_format: LogFormat,
+    /// Serve Prometheus metrics (GET /metrics) over HTTP on this address.
+    #[arg(long, env = "DUO_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Session limits of a worker (draft or target service).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SessionArgs {
+    /// Most sessions held at once.
+    #[arg(long, env = "DUO_MAX_SESSIONS", default_value_t = 64)]
+    pub max_sessions: usize,
+    /// Session requests that may wait for a free slot when all are taken;
+    /// beyond, and after --session-queue-timeout-ms, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DUO_SESSION_QUEUE", default_value_t = 64)]
+    pub session_queue: usize,
+    /// How long a queued session request waits for a slot.
+    #[arg(long, env = "DUO_SESSION_QUEUE_TIMEOUT_MS", default_value_t = 5000)]
+    pub session_queue_timeout_ms: u64,
+    /// Close a session that sends nothing for this long (an abandoned
+    /// client whose connection stays up); 0 = never.
+    #[arg(long, env = "DUO_SESSION_TTL_S", default_value_t = 300)]
+    pub session_ttl_s: u64,
+}
+
+impl SessionArgs {
+    /// The limiter these arguments describe, counting into `gauge`.
+    pub fn limiter(&self, gauge: &'static str) -> SessionLimiter {
+        SessionLimiter::new(self.max_sessions)
+            .with_queue(
+                self.session_queue,
+                Duration::from_millis(self.session_queue_timeout_ms),
+            )
+            .with_gauge(gauge)
+    }
+
+    /// The idle time-to-live, if any.
+    pub fn ttl(&self) -> Option<Duration> {
+        (self.session_ttl_s > 0).then(|| Duration::from_secs(self.session_ttl_s))
+    }
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +92,45 @@ pub fn reflection() -> Result<
         .map_err(|e| format!("building reflection: {e}"))
 }
 
+/// A future that resolves once `rx` turns true (shutdown fan-out: one
+/// signal stops the gRPC server and the HTTP servers beside it).
+pub fn stopped(
+    rx: &tokio::sync::watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// A service's `main`: logging, a tokio runtime, the listener on
+/// `common.listen`, then `serve` until it returns (services stop on
+/// SIGTERM or Ctrl-C). Any error is one line on stderr and exit code 1.
+pub fn run_main<F, Fut>(name: &str, common: &CommonArgs, serve: F) -> std::process::ExitCode
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    init_logging(common.log_format);
+    let fail = |e: String| {
+        tracing::error!("{e}");
+        eprintln!("{name}: {e}");
+        std::process::ExitCode::FAILURE
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    let listen = common.listen;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        serve(listener).await
+    })
+    .map_or_else(fail, |()| std::process::ExitCode::SUCCESS)
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -75,56 +154,171 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown signal received: draining");
 }
 
-/// Bounds the sessions a service holds at once.
+/// Bounds the sessions a service holds at once, with a bounded queue of
+/// requests waiting for a slot. Invariant: `open()` equals the slots alive.
 #[derive(Clone)]
 pub struct SessionLimiter {
     permits: Arc<Semaphore>,
     open: Arc<AtomicUsize>,
+    waiting: Arc<AtomicUsize>,
     max: usize,
+    queue: usize,
+    queue_timeout: Duration,
+    gauge: Option<&'static str>,
 }
 
 /// Held for the life of a session; dropping it frees the slot.
 pub struct SessionSlot {
     _permit: OwnedSemaphorePermit,
     open: Arc<AtomicUsize>,
+    gauge: Option<&'static str>,
 }
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(g) = self.gauge {
+            metrics::gauge!(g).decrement(1.0);
+        }
+    }
+}
+
+/// Counts a waiter for as long as it waits.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl SessionLimiter {
+    /// At most `max` sessions, no queue.
     pub fn new(max: usize) -> Self {
         let max = max.max(1);
         Self {
             permits: Arc::new(Semaphore::new(max)),
             open: Arc::new(AtomicUsize::new(0)),
+            waiting: Arc::new(AtomicUsize::new(0)),
             max,
+            queue: 0,
+            queue_timeout: Duration::ZERO,
+            gauge: None,
+        }
+    }
+
+    /// Lets up to `queue` requests wait up to `timeout` for a slot.
+    pub fn with_queue(mut self, queue: usize, timeout: Duration) -> Self {
+        self.queue = queue;
+        self.queue_timeout = timeout;
+        self
+    }
+
+    /// Keeps the Prometheus gauge `name` equal to the sessions open.
+    pub fn with_gauge(mut self, name: &'static str) -> Self {
+        self.gauge = Some(name);
+        self
+    }
+
+    fn full(&self, what: &str) -> Status {
+        Status::resource_exhausted(format!(
+            "{what} is at its limit of {} concurrent sessions{}: retry later or add capacity",
+            self.max,
+            if self.queue > 0 {
+                format!(" and {} queued", self.queue)
+            } else {
+                String::new()
+            }
+        ))
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> SessionSlot {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        if let Some(g) = self.gauge {
+            metrics::gauge!(g).increment(1.0);
+        }
+        SessionSlot {
+            _permit: permit,
+            open: self.open.clone(),
+            gauge: self.gauge,
         }
     }
 
     /// A slot, or RESOURCE_EXHAUSTED when all are taken.
     pub fn try_open(&self, what: &str) -> Result<SessionSlot, Status> {
-        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "{what} is at its limit of {} concurrent sessions: retry later or add capacity",
-                self.max
-            ))
-        })?;
-        self.open.fetch_add(1, Ordering::Relaxed);
-        Ok(SessionSlot {
-            _permit: permit,
-            open: self.open.clone(),
-        })
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| self.full(what))?;
+        Ok(self.slot(permit))
     }
 
-    pub fn open(&self) -> usize {
+    /// A slot; when all are taken, waits in the queue (if it has room) up
+    /// to the queue timeout, then RESOURCE_EXHAUSTED.
+    pub async fn open(&self, what: &str) -> Result<SessionSlot, Status> {
+        if let Ok(slot) = self.try_open(what) {
+            return Ok(slot);
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.queue {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(self.full(what));
+        }
+        let _waiting = Waiting(self.waiting.clone());
+        match tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(self.slot(permit)),
+            _ => Err(self.full(what)),
+        }
+    }
+
+    pub fn open_count(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     pub fn max(&self) -> usize {
         self.max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn queued_requests_get_freed_slots_and_the_rest_are_refused() {
+        let l = SessionLimiter::new(1).with_queue(1, Duration::from_secs(5));
+        let first = l.open("w").await.unwrap();
+        let l2 = l.clone();
+        let queued = tokio::spawn(async move { l2.open("w").await.map(|_| ()) });
+        while l.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The queue (1) is full: refused at once.
+        let refused = l.open("w").await.err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("1 queued"),
+            "{}",
+            refused.message()
+        );
+        drop(first);
+        queued.await.unwrap().unwrap();
+        assert_eq!(l.open_count(), 0);
+        assert_eq!(l.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_queued_request_times_out() {
+        let l = SessionLimiter::new(1).with_queue(4, Duration::from_millis(20));
+        let _first = l.try_open("w").unwrap();
+        let e = l.open("w").await.err().unwrap();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(l.waiting(), 0);
+        assert_eq!(l.open_count(), 1);
     }
 }

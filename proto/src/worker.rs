@@ -4,10 +4,11 @@
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use duo_core::runtime::{CausalLm, ModelOptions, RuntimeError};
 use duo_core::tokenizer::Tokenizer;
-use tonic::Status;
+use tonic::{Status, Streaming};
 
 use crate::convert::model_to_pb;
 use crate::pb;
@@ -75,4 +76,37 @@ pub fn runtime_status(e: RuntimeError) -> Status {
         RuntimeError::Invalid(m) => Status::invalid_argument(m),
         other => Status::internal(other.to_string()),
     }
+}
+
+/// What a session stream yielded.
+pub enum Next<T> {
+    Message(T),
+    /// The client closed the stream or went away.
+    Closed,
+    /// Nothing arrived for the session's time-to-live.
+    Idle(Duration),
+}
+
+/// The next request of a session stream, waiting at most `ttl`.
+pub async fn next_request<T>(inbound: &mut Streaming<T>, ttl: Option<Duration>) -> Next<T> {
+    let next = async {
+        match inbound.message().await {
+            Ok(Some(m)) => Next::Message(m),
+            _ => Next::Closed,
+        }
+    };
+    match ttl {
+        Some(ttl) => tokio::time::timeout(ttl, next)
+            .await
+            .unwrap_or(Next::Idle(ttl)),
+        None => next.await,
+    }
+}
+
+/// The status that ends an idle session.
+pub fn idle_status(role: &str, ttl: Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "{role} session closed: nothing arrived for {} s (its time-to-live, --session-ttl-s)",
+        ttl.as_secs()
+    ))
 }

@@ -17,10 +17,9 @@ use duo_core::runtime::{Device, ModelOptions};
 use duo_core::sampling::{Rng, SamplingParams, rng_from_seed};
 use duo_rpc::pb::target_server::{Target, TargetServer};
 use duo_rpc::pb::{self, target_reply, target_request};
-use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection};
-use duo_rpc::worker::{LoadedWorker, runtime_status};
+use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection};
+use duo_rpc::worker::{LoadedWorker, Next, idle_status, next_request, runtime_status};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -45,9 +44,8 @@ pub struct Args {
     /// ONNX Runtime intra-op threads.
     #[arg(long, env = "DUO_THREADS", default_value_t = 1)]
     pub threads: usize,
-    /// Most sessions held at once (RESOURCE_EXHAUSTED beyond).
-    #[arg(long, env = "DUO_MAX_SESSIONS", default_value_t = 64)]
-    pub max_sessions: usize,
+    #[command(flatten)]
+    pub sessions: SessionArgs,
     /// Pin model work to this CPU core (e.g. keep target and draft workers
     /// on separate cores of one host); unset = no pinning.
     #[arg(long, env = "DUO_CPU_CORE")]
@@ -61,6 +59,7 @@ pub struct Args {
 struct TargetService {
     loaded: Arc<OnceLock<LoadedWorker>>,
     limiter: SessionLimiter,
+    ttl: Option<std::time::Duration>,
     cpu_core: Option<usize>,
 }
 
@@ -81,7 +80,7 @@ impl TargetService {
 
     fn worker_info(&self, loaded: &LoadedWorker) -> pb::WorkerInfo {
         pb::WorkerInfo {
-            sessions_open: self.limiter.open() as u32,
+            sessions_open: self.limiter.open_count() as u32,
             ..loaded.info.clone()
         }
     }
@@ -146,7 +145,8 @@ impl Target for TargetService {
         request: Request<Streaming<pb::TargetRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         self.loaded()?;
-        let slot = self.limiter.try_open("target-service")?;
+        let slot = self.limiter.open("target-service").await?;
+        metrics::counter!("duo_target_sessions_total").increment(1);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let svc = self.clone();
@@ -159,18 +159,26 @@ impl Target for TargetService {
                 .as_ref()
                 .map_or(0, |m| m.vocab_size as usize);
             let mut session: Option<TargetSession> = None;
-            while let Some(msg) = inbound.next().await {
-                let reply = match msg.map(|m| m.kind) {
-                    Err(_) => break, // the client went away
-                    Ok(None) => Err(Status::invalid_argument(
+            loop {
+                let msg = match next_request(&mut inbound, svc.ttl).await {
+                    Next::Message(m) => m,
+                    Next::Closed => break,
+                    Next::Idle(ttl) => {
+                        tracing::info!("closing an idle session");
+                        let _ = tx.send(Err(idle_status("target-service", ttl))).await;
+                        break;
+                    }
+                };
+                let reply = match msg.kind {
+                    None => Err(Status::invalid_argument(
                         "empty TargetRequest: set open or verify",
                     )),
-                    Ok(Some(target_request::Kind::Open(open))) => open_session(&svc, loaded, &open)
+                    Some(target_request::Kind::Open(open)) => open_session(&svc, loaded, &open)
                         .map(|(s, r)| {
                             session = Some(s);
                             r
                         }),
-                    Ok(Some(target_request::Kind::Verify(v))) => {
+                    Some(target_request::Kind::Verify(v)) => {
                         match (session.take(), check_verify(&v, vocab)) {
                             (None, _) => {
                                 Err(Status::failed_precondition("send OpenTarget before Verify"))
@@ -210,6 +218,14 @@ impl Target for TargetService {
                                 match done {
                                     Ok((s, res)) => {
                                         session = Some(s);
+                                        if let Ok(v) = &res {
+                                            metrics::counter!("duo_target_verifies_total")
+                                                .increment(1);
+                                            metrics::counter!("duo_target_fed_tokens_total")
+                                                .increment(v.fed as u64);
+                                            metrics::histogram!("duo_target_verify_seconds")
+                                                .record(v.secs);
+                                        }
                                         res.map(|v| pb::TargetReply {
                                             kind: Some(target_reply::Kind::Verdict(pb::Verdict {
                                                 accepted: v.verdict.accepted as u32,
@@ -247,19 +263,36 @@ impl Target for TargetService {
     }
 }
 
+/// The `target-service` command: serves `args` until SIGTERM or Ctrl-C.
+pub fn main(args: &Args) -> std::process::ExitCode {
+    duo_rpc::serve::run_main("target-service", &args.common, |listener| {
+        serve(args.clone(), listener, duo_rpc::serve::shutdown_signal())
+    })
+}
+
 /// Serves on `listener` until `shutdown` resolves (then drains and returns).
 pub async fn serve(
     args: Args,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    duo_rpc::metrics::install();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    if let Some(addr) = args.common.metrics_listen {
+        duo_rpc::metrics::spawn_server(addr, duo_rpc::serve::stopped(&stop_rx)).await?;
+    }
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_not_serving::<TargetServer<TargetService>>()
         .await;
     let svc = TargetService {
         loaded: Arc::new(OnceLock::new()),
-        limiter: SessionLimiter::new(args.max_sessions),
+        limiter: args.sessions.limiter("duo_target_sessions_open"),
+        ttl: args.sessions.ttl(),
         cpu_core: args.cpu_core,
     };
     tracing::info!(listen = ?listener.local_addr().ok(), device = %args.device, "target-service listening (loading model)");
@@ -272,7 +305,7 @@ pub async fn serve(
             intra_threads: args.threads,
             ort_lib: args.ort_lib.clone(),
         };
-        let max = args.max_sessions;
+        let max = args.sessions.max_sessions;
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             let devices = devices::describe(opts.device)?;
             let worker = LoadedWorker::load("target", &model, &tok_path, &opts, devices, max)?;
@@ -291,7 +324,7 @@ pub async fn serve(
         .add_service(TargetServer::new(svc.clone()))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
+            duo_rpc::serve::stopped(&stop_rx),
         );
     let mut server = std::pin::pin!(server);
     tokio::select! {

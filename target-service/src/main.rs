@@ -1,26 +1,7 @@
 //! target-service binary: parses flags, listens, serves until SIGTERM/Ctrl-C.
 
 use clap::Parser;
-use duo_rpc::serve::{init_logging, shutdown_signal};
-use target_service::{Args, serve};
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
-    init_logging(args.common.log_format);
-    let listener = match tokio::net::TcpListener::bind(args.common.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "target-service: cannot listen on {}: {e}",
-                args.common.listen
-            );
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = serve(args, listener, shutdown_signal()).await {
-        tracing::error!("{e}");
-        eprintln!("target-service: {e}");
-        std::process::exit(1);
-    }
+fn main() -> std::process::ExitCode {
+    target_service::main(&target_service::Args::parse())
 }

@@ -5,9 +5,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use duo_rpc::pb::generation_client::GenerationClient;
-use duo_rpc::serve::{CommonArgs, LogFormat};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -23,6 +23,8 @@ pub struct Deployment {
     pub target: SocketAddr,
     pub drafts: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
+    /// Turns true when the deployment stops (for services added later).
+    pub stop_rx: watch::Receiver<bool>,
 }
 
 impl Deployment {
@@ -45,13 +47,6 @@ pub async fn channel(addr: SocketAddr) -> Channel {
         .unwrap()
 }
 
-fn common(addr: SocketAddr) -> CommonArgs {
-    CommonArgs {
-        listen: addr,
-        log_format: LogFormat::Human,
-    }
-}
-
 async fn listener() -> (TcpListener, SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
@@ -59,9 +54,77 @@ async fn listener() -> (TcpListener, SocketAddr) {
 }
 
 fn stopper(rx: &watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let mut rx = rx.clone();
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
+    duo_rpc::serve::stopped(rx)
+}
+
+/// Parses a service's flags as its binary would (defaults included).
+fn parse<A: clap::Parser>(name: &str, flags: &[String]) -> A {
+    A::try_parse_from(std::iter::once(name.to_string()).chain(flags.iter().cloned()))
+        .unwrap_or_else(|e| panic!("{name} flags {flags:?}: {e}"))
+}
+
+fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+/// Flags for a draft worker on `addr` with the bundled model.
+pub fn draft_flags(addr: SocketAddr, tokenizer: &Path) -> Vec<String> {
+    let m = models();
+    vec![
+        s("--listen"),
+        s(addr),
+        s("--model"),
+        s(m.join("draft").display()),
+        s("--tokenizer"),
+        s(tokenizer.display()),
+    ]
+}
+
+/// A draft worker in this process on an ephemeral port; stops with `stop`.
+pub async fn spawn_draft(
+    tokenizer: &Path,
+    extra: &[String],
+    stop: &watch::Receiver<bool>,
+) -> SocketAddr {
+    let (dl, d) = listener().await;
+    let mut flags = draft_flags(d, tokenizer);
+    flags.extend_from_slice(extra);
+    tokio::spawn(draft_service::serve(
+        parse("draft-service", &flags),
+        dl,
+        stopper(stop),
+    ));
+    d
+}
+
+/// How to start a deployment.
+pub struct Setup {
+    /// Each draft worker's tokenizer (normally the bundled one).
+    pub draft_tokenizers: Vec<PathBuf>,
+    /// Extra flags for every draft worker, the target and the orchestrator.
+    pub draft_flags: Vec<String>,
+    pub target_flags: Vec<String>,
+    pub orchestrator_flags: Vec<String>,
+    /// Draft workers the orchestrator finds by itself (e.g. through
+    /// `--draft-dns`) instead of a static list.
+    pub no_static_drafts: bool,
+    pub resolver: Option<Arc<dyn orchestrator::pool::Resolver>>,
+    /// Use a target already running there instead of starting one.
+    pub external_target: Option<SocketAddr>,
+}
+
+impl Setup {
+    /// `n` draft workers with the bundled tokenizer.
+    pub fn drafts(n: usize) -> Self {
+        Self {
+            draft_tokenizers: vec![models().join("tokenizer.json"); n],
+            draft_flags: Vec::new(),
+            target_flags: Vec::new(),
+            orchestrator_flags: Vec::new(),
+            no_static_drafts: false,
+            resolver: None,
+            external_target: None,
+        }
     }
 }
 
@@ -69,57 +132,71 @@ fn stopper(rx: &watch::Receiver<bool>) -> impl std::future::Future<Output = ()> 
 /// tokenizer (normally the bundled one). Returns once the orchestrator
 /// answers `Info`.
 pub async fn start(draft_tokenizers: &[PathBuf]) -> Deployment {
+    start_with(Setup {
+        draft_tokenizers: draft_tokenizers.to_vec(),
+        ..Setup::drafts(0)
+    })
+    .await
+}
+
+/// Starts a deployment as `setup` says; returns once the orchestrator
+/// answers `Info`.
+pub async fn start_with(setup: Setup) -> Deployment {
     let m = models();
     let tok = m.join("tokenizer.json");
     let (stop, rx) = watch::channel(false);
-    let (tl, target) = listener().await;
-    tokio::spawn(target_service::serve(
-        target_service::Args {
-            common: common(target),
-            model: m.join("target"),
-            tokenizer: tok.clone(),
-            device: duo_core::runtime::Device::Cpu,
-            threads: 1,
-            max_sessions: 64,
-            cpu_core: None,
-            ort_lib: None,
-        },
-        tl,
-        stopper(&rx),
-    ));
+    let target = match setup.external_target {
+        Some(t) => t,
+        None => {
+            let (tl, target) = listener().await;
+            let mut t = vec![
+                s("--listen"),
+                s(target),
+                s("--model"),
+                s(m.join("target").display()),
+                s("--tokenizer"),
+                s(tok.display()),
+            ];
+            t.extend(setup.target_flags.iter().cloned());
+            tokio::spawn(target_service::serve(
+                parse("target-service", &t),
+                tl,
+                stopper(&rx),
+            ));
+            target
+        }
+    };
     let mut drafts = Vec::new();
-    for dt in draft_tokenizers {
-        let (dl, d) = listener().await;
-        tokio::spawn(draft_service::serve(
-            draft_service::Args {
-                common: common(d),
-                model: m.join("draft"),
-                tokenizer: dt.clone(),
-                threads: 1,
-                max_sessions: 64,
-                cpu_core: None,
-                ort_lib: None,
-            },
-            dl,
-            stopper(&rx),
-        ));
-        drafts.push(d);
+    for dt in &setup.draft_tokenizers {
+        drafts.push(spawn_draft(dt, &setup.draft_flags, &rx).await);
     }
     let (ol, orchestrator) = listener().await;
     let (hl, http) = listener().await;
-    tokio::spawn(orchestrator::serve(
-        orchestrator::Args {
-            common: common(orchestrator),
-            target: format!("http://{target}"),
-            drafts: drafts.iter().map(|d| format!("http://{d}")).collect(),
-            tokenizer: tok,
-            max_generations: 64,
-            http_listen: Some(http),
-            chat_assistant_name: "Assistant".into(),
-        },
+    let mut o = vec![
+        s("--listen"),
+        s(orchestrator),
+        s("--target"),
+        format!("http://{target}"),
+        s("--tokenizer"),
+        s(tok.display()),
+        s("--http-listen"),
+        s(http),
+    ];
+    if !setup.no_static_drafts {
+        for d in &drafts {
+            o.extend([s("--draft"), format!("http://{d}")]);
+        }
+    }
+    o.extend(setup.orchestrator_flags.iter().cloned());
+    let resolver = setup
+        .resolver
+        .unwrap_or_else(|| Arc::new(orchestrator::pool::SystemResolver));
+    tokio::spawn(orchestrator::serve_with_resolver(
+        parse("orchestrator", &o),
         ol,
         Some(hl),
         stopper(&rx),
+        resolver,
     ));
     let dep = Deployment {
         orchestrator,
@@ -127,15 +204,24 @@ pub async fn start(draft_tokenizers: &[PathBuf]) -> Deployment {
         target,
         drafts,
         stop,
+        stop_rx: rx,
     };
-    let mut client = dep.client().await;
-    for _ in 0..300 {
-        if client.info(duo_rpc::pb::InfoRequest {}).await.is_ok() {
-            return dep;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("deployment did not become ready");
+    let client = dep.client().await;
+    wait_until(60, "the orchestrator answers Info", || {
+        let mut c = client.clone();
+        async move { c.info(duo_rpc::pb::InfoRequest {}).await.is_ok() }
+    })
+    .await;
+    // Every draft worker probed after loading its model (a worker still
+    // loading is out of the rotation, and generations would run
+    // target-only).
+    wait_until(60, "every draft worker probed", || async {
+        let pool = pool(&dep).await;
+        pool.iter()
+            .all(|w| w.state == "healthy" || w.state == "incompatible")
+    })
+    .await;
+    dep
 }
 
 /// Spec-Bench prompts as text, `per_category` from each category.
@@ -156,4 +242,144 @@ pub fn spec_bench(per_category: usize) -> Vec<String> {
         }
     }
     out
+}
+
+/// A service run as a child process of `duo` (killed when dropped), for
+/// tests that kill and restart processes.
+pub struct Process {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// SIGKILL: the process dies without draining, like a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Runs `duo <service> --listen addr <flags>`.
+pub fn spawn_process(service: &str, addr: SocketAddr, flags: &[String]) -> Process {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_duo"))
+        .arg(service)
+        .args(["--listen".to_string(), addr.to_string()])
+        .args(flags)
+        .env("RUST_LOG", "warn,ort=error")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Process { child, addr }
+}
+
+/// A draft worker process on `addr` with the bundled model.
+pub fn draft_process(addr: SocketAddr) -> Process {
+    let flags = draft_flags(addr, &models().join("tokenizer.json"));
+    spawn_process("draft-service", addr, &flags[2..])
+}
+
+/// A target process on `addr` with the bundled model.
+pub fn target_process(addr: SocketAddr) -> Process {
+    let m = models();
+    let flags = [
+        s("--model"),
+        s(m.join("target").display()),
+        s("--tokenizer"),
+        s(m.join("tokenizer.json").display()),
+    ];
+    spawn_process("target-service", addr, &flags)
+}
+
+/// Polls `cond` every 50 ms until it holds or `secs` pass.
+pub async fn wait_until<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The orchestrator's draft pool, from `Info`.
+pub async fn pool(dep: &Deployment) -> Vec<duo_rpc::pb::DraftWorkerState> {
+    match dep.client().await.info(duo_rpc::pb::InfoRequest {}).await {
+        Ok(r) => r.into_inner().draft_pool,
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A generation read to its end: tokens, stats, and how many final chunks
+/// came (must be exactly one, and last).
+pub struct Streamed {
+    pub tokens: Vec<u32>,
+    pub stats: duo_rpc::pb::Stats,
+}
+
+/// Reads a stream to its end, checking it closes with exactly one final chunk.
+pub async fn drain(
+    mut stream: tonic::Streaming<duo_rpc::pb::GenerateChunk>,
+    mut tokens: Vec<u32>,
+) -> Result<Streamed, tonic::Status> {
+    let mut stats = None;
+    while let Some(chunk) = stream.message().await? {
+        assert!(stats.is_none(), "a chunk came after the final chunk");
+        tokens.extend_from_slice(&chunk.token_ids);
+        if let Some(f) = chunk.r#final {
+            stats = Some(f.stats.unwrap_or_default());
+        }
+    }
+    Ok(Streamed {
+        tokens,
+        stats: stats.expect("the stream ended without a final chunk"),
+    })
+}
+
+/// A greedy request for `prompt`.
+pub fn greedy(
+    prompt: &str,
+    mode: duo_rpc::pb::Mode,
+    max_new_tokens: u32,
+) -> duo_rpc::pb::GenerateRequest {
+    duo_rpc::pb::GenerateRequest {
+        prompt: Some(duo_rpc::pb::generate_request::Prompt::Text(
+            prompt.to_string(),
+        )),
+        max_new_tokens,
+        mode: mode as i32,
+        ..Default::default()
+    }
+}
+
+/// GET `path` over plain HTTP/1.0; returns the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf.split_once("\r\n\r\n")
+        .map_or(buf.clone(), |(_, b)| b.to_string())
 }

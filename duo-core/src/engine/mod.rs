@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 pub use drafter::{DraftJob, DraftTree, Drafter};
-pub use session::{DraftSide, GenerateParams, Generation, Limits, Mode, Stats, TargetSide};
+pub use session::{
+    DraftSide, GenerateParams, Generation, Limits, Mode, Recovery, Stats, TargetSide,
+};
 pub use verifier::{TargetVerdict, Verifier};
 
 use crate::runtime::{CausalLm, Device, ModelOptions, RuntimeError};

@@ -126,6 +126,14 @@ pub struct Stats {
     /// Rounds where a tail token was rejected.
     pub rejections: usize,
     pub budget: Option<BudgetReport>,
+    /// Per position in the verified tail (0 = first tail token): how often
+    /// a token was offered there, and how often it was accepted.
+    pub tail_offered_by_pos: Vec<usize>,
+    pub tail_accepted_by_pos: Vec<usize>,
+    /// Draft calls that failed (the generation went on without them).
+    pub draft_failures: usize,
+    /// Rounds run target-only because no draft was available.
+    pub draftless_rounds: usize,
 }
 
 /// A finished generation.
@@ -154,11 +162,66 @@ pub trait TargetSide {
     ) -> Result<TargetVerdict, EngineError>;
 }
 
+/// What a draft side says after a failure (see [`DraftSide::recover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Ready for jobs again, holding no context: the next job carries a
+    /// full sync.
+    Ready,
+    /// Not now: the loop goes on target-only and asks again next round.
+    Later,
+    /// The failure ends the generation.
+    GiveUp,
+}
+
 /// The draft's side of a generation: `submit` starts a drafting job (it may
 /// run concurrently with the caller), `collect` waits for its tree.
+///
+/// Drafts only ever propose: whatever a draft side does or fails to do, the
+/// output is decided by the target, so losing a draft never changes it.
 pub trait DraftSide {
     fn submit(&mut self, job: DraftJob) -> Result<(), EngineError>;
     fn collect(&mut self) -> Result<DraftTree, EngineError>;
+    /// Called after `submit` or `collect` failed with
+    /// [`EngineError::Unavailable`], and again each round while the side is
+    /// not ready. A side that can move to another worker does so here.
+    /// Default: failures are fatal.
+    fn recover(&mut self) -> Recovery {
+        Recovery::GiveUp
+    }
+}
+
+/// The loop's view of its draft's health.
+struct DraftHealth {
+    ready: bool,
+    /// The draft holds no context: the next job must carry a full sync.
+    fresh: bool,
+}
+
+impl DraftHealth {
+    /// Handles a failed draft call: `Ok` to go on without this round's
+    /// draft, `Err` to end the generation.
+    fn failed(
+        &mut self,
+        d: &mut dyn DraftSide,
+        e: EngineError,
+        stats: &mut Stats,
+    ) -> Result<(), EngineError> {
+        if !matches!(e, EngineError::Unavailable(..)) {
+            return Err(e);
+        }
+        let recovery = d.recover();
+        tracing::warn!(error = %e, ?recovery, "draft failed: going on without it");
+        stats.draft_failures += 1;
+        match recovery {
+            Recovery::GiveUp => Err(e),
+            r => {
+                self.ready = r == Recovery::Ready;
+                self.fresh = true;
+                Ok(())
+            }
+        }
+    }
 }
 
 /// What the loop streams out: new text, the ids of newly emitted tokens and
@@ -271,6 +334,10 @@ pub fn run(
     let mut draft_rounds = 0usize;
     let mut first_round = true;
     let mut finish = None;
+    let mut health = DraftHealth {
+        ready: true,
+        fresh: false,
+    };
 
     while finish.is_none() {
         let _round =
@@ -283,8 +350,20 @@ pub fn run(
         let mut drafted_now: Option<DraftTree> = None;
         let mut drafting = false;
         let round_start = Instant::now();
+        if params.mode != Mode::Autoregressive
+            && !health.ready
+            && let Some(d) = draft.as_deref_mut()
+        {
+            health.ready = d.recover() == Recovery::Ready;
+        }
+        let sync = if health.fresh {
+            round.full_draft_sync()
+        } else {
+            round.draft_sync().clone()
+        };
         match (params.mode, draft.as_deref_mut()) {
             (Mode::Autoregressive, _) | (_, None) => {}
+            (_, Some(_)) if !health.ready => stats.draftless_rounds += 1,
             (Mode::Speculative, Some(d)) => {
                 let gamma = params
                     .gamma
@@ -292,23 +371,28 @@ pub fn run(
                     .min(remaining.saturating_sub(1))
                     .min(room.saturating_sub(1));
                 if gamma > 0 {
-                    d.submit(DraftJob {
-                        sync: round.draft_sync().clone(),
+                    let job = DraftJob {
+                        sync,
                         gamma,
                         policy: BranchPolicy::new(1),
-                    })?;
-                    let tree = d.collect()?;
-                    stats.target_idle_ms += round_start.elapsed().as_secs_f64() * 1e3;
-                    gamma_sum += gamma;
-                    draft_rounds += 1;
-                    let mut chain = tree.branches.first().cloned().unwrap_or_default();
-                    chain.truncate(gamma);
-                    round.set_tail(chain)?;
-                    // The chain became the tail: no branches for the next token.
-                    drafted_now = Some(DraftTree {
-                        branches: Vec::new(),
-                        ..tree
-                    });
+                    };
+                    match d.submit(job).and_then(|()| d.collect()) {
+                        Ok(tree) => {
+                            health.fresh = false;
+                            stats.target_idle_ms += round_start.elapsed().as_secs_f64() * 1e3;
+                            gamma_sum += gamma;
+                            draft_rounds += 1;
+                            let mut chain = tree.branches.first().cloned().unwrap_or_default();
+                            chain.truncate(gamma);
+                            round.set_tail(chain)?;
+                            // The chain became the tail: no branches for the next token.
+                            drafted_now = Some(DraftTree {
+                                branches: Vec::new(),
+                                ..tree
+                            });
+                        }
+                        Err(e) => health.failed(d, e, &mut stats)?,
+                    }
                 }
             }
             (Mode::Duodecoding, Some(d)) => {
@@ -326,14 +410,18 @@ pub fn run(
                     .min(remaining.saturating_sub(round.tail().len() + 1))
                     .min(room);
                 if gamma > 0 {
-                    d.submit(DraftJob {
-                        sync: round.draft_sync().clone(),
+                    match d.submit(DraftJob {
+                        sync,
                         gamma,
                         policy,
-                    })?;
-                    drafting = true;
-                    gamma_sum += gamma;
-                    draft_rounds += 1;
+                    }) {
+                        Ok(()) => {
+                            drafting = true;
+                            gamma_sum += gamma;
+                            draft_rounds += 1;
+                        }
+                        Err(e) => health.failed(d, e, &mut stats)?,
+                    }
                 }
             }
         }
@@ -371,10 +459,16 @@ pub fn run(
             && let Some(d) = draft.as_deref_mut()
         {
             let waited = Instant::now();
-            let tree = d.collect()?;
-            stats.target_idle_ms += waited.elapsed().as_secs_f64() * 1e3;
-            stats.draft_idle_ms += (round_start.elapsed().as_secs_f64() - tree.secs).max(0.0) * 1e3;
-            drafted_now = Some(tree);
+            match d.collect() {
+                Ok(tree) => {
+                    health.fresh = false;
+                    stats.target_idle_ms += waited.elapsed().as_secs_f64() * 1e3;
+                    stats.draft_idle_ms +=
+                        (round_start.elapsed().as_secs_f64() - tree.secs).max(0.0) * 1e3;
+                    drafted_now = Some(tree);
+                }
+                Err(e) => health.failed(d, e, &mut stats)?,
+            }
         }
         let branches: &[Vec<u32>] = match &drafted_now {
             Some(t) => {
@@ -404,6 +498,14 @@ pub fn run(
             }
         }
         stats.rejections += usize::from(out.rejected());
+        if stats.tail_offered_by_pos.len() < out.tail_len {
+            stats.tail_offered_by_pos.resize(out.tail_len, 0);
+            stats.tail_accepted_by_pos.resize(out.tail_len, 0);
+        }
+        for i in 0..out.tail_len {
+            stats.tail_offered_by_pos[i] += 1;
+            stats.tail_accepted_by_pos[i] += usize::from(i < out.tail_accepted);
+        }
         tracing::debug!(
             committed = out.committed.len(),
             tail_accepted = out.tail_accepted,

@@ -154,6 +154,19 @@ impl Round {
         &self.draft_sync
     }
 
+    /// A sync for a draft that holds nothing (a fresh worker after a
+    /// failover): append all of `C + tail`. Equivalent to
+    /// [`Self::draft_sync`] for the draft's resulting context.
+    pub fn full_draft_sync(&self) -> DraftSync {
+        let mut append = self.committed.clone();
+        append.extend_from_slice(&self.tail);
+        DraftSync {
+            adopt: None,
+            keep: 0,
+            append,
+        }
+    }
+
     /// The draft's context after applying [`Self::draft_sync`]: `C + tail`.
     pub fn draft_context_len(&self) -> usize {
         self.committed.len() + self.tail.len()
@@ -282,6 +295,19 @@ mod tests {
 
     fn greedy(tokens: &[u32]) -> Vec<Distribution> {
         tokens.iter().map(|&t| Distribution::point(t)).collect()
+    }
+
+    #[test]
+    fn full_sync_rebuilds_the_same_draft_context() {
+        let mut r = Round::new(vec![1, 2, 3]);
+        let d = greedy(&[9, 9, 10]);
+        r.resolve(&d, &[vec![10, 20, 21]], &mut rng_from_seed(0))
+            .unwrap();
+        let full = r.full_draft_sync();
+        assert_eq!(full.adopt, None);
+        assert_eq!(full.keep, 0);
+        assert_eq!(full.append, vec![1, 2, 3, 10, 20, 21]);
+        assert_eq!(full.append.len(), r.draft_context_len());
     }
 
     #[test]

@@ -1,0 +1,152 @@
+//! [`PooledDraft`]: a generation's draft side on the worker pool. It holds
+//! one session on one worker (affinity); when that session fails — the
+//! worker died, hung past the draft timeout, or refused — it re-homes the
+//! session on another healthy worker (the core's loop re-sends the whole
+//! committed context), or tells the loop to go on target-only until one is
+//! free. Drafts only propose, so none of this changes the output.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use duo_core::engine::{DraftJob, DraftSide, DraftTree, EngineError, Recovery};
+use duo_rpc::pb;
+use tokio::runtime::Handle;
+use tonic::{Code, Status};
+
+use crate::pool::{DraftPool, Lease};
+use crate::remote::RemoteDraft;
+
+pub struct PooledDraft {
+    pool: Arc<DraftPool>,
+    open: pb::OpenDraft,
+    handle: Handle,
+    /// Longest wait for one draft tree.
+    timeout: Duration,
+    current: Option<(RemoteDraft, Lease)>,
+    /// Workers this generation used, in order.
+    pub workers: Vec<String>,
+    /// The first error that was not a worker failure (a refused request).
+    pub refused: Option<Status>,
+}
+
+impl PooledDraft {
+    /// Opens a session on the pool's least-loaded healthy worker; waits in
+    /// the pool's queue when all are full (RESOURCE_EXHAUSTED after). With
+    /// no healthy worker, the draft starts detached: the loop runs
+    /// target-only and re-homes as soon as a worker is healthy.
+    pub async fn open(
+        pool: Arc<DraftPool>,
+        open: pb::OpenDraft,
+        timeout: Duration,
+    ) -> Result<Self, Status> {
+        let first = pool.acquire().await?;
+        let mut this = Self {
+            pool,
+            open,
+            handle: Handle::current(),
+            timeout,
+            current: None,
+            workers: Vec::new(),
+            refused: None,
+        };
+        if let Some(lease) = first {
+            this.current = this.open_on(lease, &mut Vec::new()).await;
+        }
+        if this.current.is_none() {
+            this.current = this.open_elsewhere(&[]).await;
+        }
+        if let Some(s) = &this.refused
+            && this.current.is_none()
+        {
+            return Err(s.clone());
+        }
+        Ok(this)
+    }
+
+    /// Opens the session on `lease`'s worker; on failure marks the worker
+    /// and adds it to `tried`.
+    async fn open_on(
+        &mut self,
+        lease: Lease,
+        tried: &mut Vec<String>,
+    ) -> Option<(RemoteDraft, Lease)> {
+        let w = Arc::clone(&lease.worker);
+        let opened = tokio::time::timeout(
+            self.pool.config().probe_timeout,
+            RemoteDraft::open(w.client.clone(), self.open.clone(), self.timeout),
+        )
+        .await
+        .unwrap_or_else(|_| Err(Status::unavailable("opening the draft session timed out")));
+        match opened {
+            Ok((d, _)) => {
+                self.workers.push(w.address.clone());
+                Some((d, lease))
+            }
+            Err(s) => {
+                tried.push(w.address.clone());
+                match s.code() {
+                    Code::ResourceExhausted => self.pool.mark_full(&w),
+                    Code::InvalidArgument | Code::FailedPrecondition => {
+                        self.pool.mark_unhealthy(&w, s.message());
+                        self.refused.get_or_insert(s);
+                    }
+                    _ => self.pool.mark_unhealthy(&w, s.message()),
+                }
+                None
+            }
+        }
+    }
+
+    /// Tries the other healthy workers with room, without queueing.
+    async fn open_elsewhere(&mut self, exclude: &[String]) -> Option<(RemoteDraft, Lease)> {
+        let mut tried = exclude.to_vec();
+        while let Some(lease) = self.pool.try_acquire(&tried) {
+            if let Some(opened) = self.open_on(lease, &mut tried).await {
+                return Some(opened);
+            }
+        }
+        None
+    }
+
+    fn detached() -> EngineError {
+        EngineError::Unavailable("draft-service", "no draft worker session".into())
+    }
+}
+
+impl DraftSide for PooledDraft {
+    fn submit(&mut self, job: DraftJob) -> Result<(), EngineError> {
+        match &mut self.current {
+            Some((d, _)) => d.submit(job),
+            None => Err(Self::detached()),
+        }
+    }
+
+    fn collect(&mut self) -> Result<DraftTree, EngineError> {
+        match &mut self.current {
+            Some((d, _)) => d.collect(),
+            None => Err(Self::detached()),
+        }
+    }
+
+    fn recover(&mut self) -> Recovery {
+        let mut exclude = Vec::new();
+        if let Some((mut d, lease)) = self.current.take() {
+            let why = d
+                .failure
+                .0
+                .take()
+                .map_or_else(|| "session failed".to_string(), |s| s.message().to_string());
+            self.pool.mark_unhealthy(&lease.worker, &why);
+            exclude.push(lease.worker.address.clone());
+            metrics::counter!("duo_orchestrator_draft_failovers_total").increment(1);
+        }
+        let handle = self.handle.clone();
+        self.current = handle.block_on(self.open_elsewhere(&exclude));
+        if self.current.is_some() {
+            tracing::info!(worker = ?self.workers.last(), "draft session re-homed");
+            Recovery::Ready
+        } else {
+            Recovery::Later
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The orchestrator's draft worker pool over real sockets: placement,
+//! failover when a worker process dies mid-stream, target-only operation
+//! with every worker down, rejoining, and DNS discovery.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use common::{Setup, Streamed, drain, greedy, pool, wait_until};
+use duo_rpc::pb::{self, Mode};
+use orchestrator::pool::{ResolveFuture, Resolver};
+
+const PROMPTS: [&str; 4] = [
+    "KING. Speak, what news",
+    "ROMEO. But soft, what light",
+    "HAMLET. To be, or",
+    "First Citizen. Before we proceed",
+];
+
+/// The greedy autoregressive reference for each prompt.
+async fn reference(dep: &common::Deployment, n: u32) -> Vec<Vec<u32>> {
+    let mut client = dep.client().await;
+    let mut out = Vec::new();
+    for p in PROMPTS {
+        let g = client
+            .generate(greedy(p, Mode::Autoregressive, n))
+            .await
+            .unwrap()
+            .into_inner();
+        out.push(g.token_ids);
+    }
+    out
+}
+
+fn placed(pool: &[pb::DraftWorkerState], addr: SocketAddr) -> u64 {
+    pool.iter()
+        .find(|w| w.address == format!("http://{addr}"))
+        .map_or(0, |w| w.sessions_placed)
+}
+
+fn healthy(pool: &[pb::DraftWorkerState]) -> usize {
+    pool.iter().filter(|w| w.state == "healthy").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn generations_spread_across_two_and_three_workers() {
+    for n in [2, 3] {
+        let dep = common::start_with(Setup::drafts(n)).await;
+        let refs = reference(&dep, 24).await;
+        let mut client = dep.client().await;
+        for round in 0..2 {
+            for (i, p) in PROMPTS.iter().enumerate() {
+                let g = client
+                    .generate(greedy(p, Mode::Duodecoding, 24))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(g.token_ids, refs[i], "round {round} prompt {i}");
+            }
+        }
+        let pool = pool(&dep).await;
+        assert_eq!(pool.len(), n);
+        for d in &dep.drafts {
+            // 8 generations over n workers, placed round-robin when idle.
+            assert!(placed(&pool, *d) >= 2, "{n} workers: {pool:?}");
+        }
+    }
+}
+
+/// Starts `streams` duodecoding streams and reads one chunk from each.
+async fn start_streams(
+    dep: &common::Deployment,
+    streams: usize,
+    n: u32,
+) -> Vec<(usize, tonic::Streaming<pb::GenerateChunk>, Vec<u32>)> {
+    let mut out = Vec::new();
+    for i in 0..streams {
+        let p = i % PROMPTS.len();
+        let mut s = dep
+            .client()
+            .await
+            .generate_stream(greedy(PROMPTS[p], Mode::Duodecoding, n))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = s.message().await.unwrap().unwrap();
+        out.push((p, s, first.token_ids));
+    }
+    out
+}
+
+async fn finish(
+    streams: Vec<(usize, tonic::Streaming<pb::GenerateChunk>, Vec<u32>)>,
+    refs: &[Vec<u32>],
+) -> Vec<Streamed> {
+    let mut out = Vec::new();
+    for (p, s, first) in streams {
+        let g = drain(s, first).await.expect("the generation must not fail");
+        assert_eq!(
+            g.tokens, refs[p],
+            "prompt {p}: output changed by a failover"
+        );
+        out.push(g);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_workers_fail_over_run_target_only_and_rejoin() {
+    let (a_addr, b_addr) = (common::free_port(), common::free_port());
+    let mut a = common::draft_process(a_addr);
+    let mut b = common::draft_process(b_addr);
+    let dep = common::start_with(Setup {
+        orchestrator_flags: vec![
+            format!("--draft=http://{a_addr}"),
+            format!("--draft=http://{b_addr}"),
+            "--health-interval-ms=200".into(),
+        ],
+        ..Setup::drafts(0)
+    })
+    .await;
+    wait_until(60, "both draft processes healthy", || async {
+        healthy(&pool(&dep).await) == 2
+    })
+    .await;
+    let n = 300;
+    let refs = reference(&dep, n).await;
+
+    // 1. Kill worker A while 4 streams are running (2 of them on A).
+    let streams = start_streams(&dep, 4, n).await;
+    a.kill();
+    let done = finish(streams, &refs).await;
+    let failures: u32 = done.iter().map(|g| g.stats.draft_failures).sum();
+    assert!(failures >= 1, "no generation noticed the dead worker");
+    assert!(
+        done.iter().any(|g| g.stats.draft_worker.contains(',')),
+        "no draft session was re-homed: {:?}",
+        done.iter()
+            .map(|g| &g.stats.draft_worker)
+            .collect::<Vec<_>>()
+    );
+
+    // 2. Kill B too: generations still complete, target-only, and health
+    //    and metrics say the drafts are down.
+    let streams = start_streams(&dep, 2, n).await;
+    b.kill();
+    let done = finish(streams, &refs).await;
+    assert!(
+        done.iter()
+            .all(|g| g.stats.draft_failures >= 1 || g.stats.draftless_rounds > 0)
+    );
+    let mut client = dep.client().await;
+    let g = client
+        .generate(greedy(PROMPTS[0], Mode::Duodecoding, 32))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.token_ids, refs[0][..32]);
+    let stats = g.stats.unwrap();
+    assert_eq!(stats.drafted, 0, "drafted with every worker down?");
+    assert_eq!(stats.draft_worker, "");
+    wait_until(10, "pool shows no healthy worker", || async {
+        healthy(&pool(&dep).await) == 0
+    })
+    .await;
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(common::channel(dep.orchestrator).await);
+    let draft_health = |h: &mut tonic_health::pb::health_client::HealthClient<_>| {
+        let mut h = h.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest {
+                service: "duo.v1.Draft".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .unwrap_or(-1)
+        }
+    };
+    wait_until(10, "orchestrator health says the drafts are down", || {
+        let f = draft_health(&mut health);
+        async move { f.await == 2 }
+    })
+    .await;
+    let metrics = common::http_get(dep.http, "/metrics").await;
+    assert!(
+        metrics.contains("duo_orchestrator_draft_workers{state=\"healthy\"} 0"),
+        "{metrics}"
+    );
+
+    // 3. Restart A: it rejoins and takes generations again.
+    let before = placed(&pool(&dep).await, a_addr);
+    let _a = common::draft_process(a_addr);
+    wait_until(60, "restarted worker healthy again", || async {
+        healthy(&pool(&dep).await) == 1
+    })
+    .await;
+    wait_until(10, "orchestrator health says drafts are back", || {
+        let f = draft_health(&mut health);
+        async move { f.await == 1 }
+    })
+    .await;
+    let g = client
+        .generate(greedy(PROMPTS[1], Mode::Duodecoding, 48))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.token_ids, refs[1][..48]);
+    assert!(g.stats.unwrap().drafted > 0);
+    assert!(placed(&pool(&dep).await, a_addr) > before);
+}
+
+/// A resolver the test controls.
+struct Fixed(Arc<Mutex<Vec<SocketAddr>>>);
+
+impl Resolver for Fixed {
+    fn resolve<'a>(&'a self, _name: &'a str) -> ResolveFuture<'a> {
+        let addrs = self.0.lock().unwrap().clone();
+        Box::pin(async move { Ok(addrs) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dns_discovery_picks_up_an_added_worker() {
+    let addrs = Arc::new(Mutex::new(Vec::new()));
+    // Two in-process workers; DNS first knows only the first.
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let tok = common::models().join("tokenizer.json");
+    let w1 = common::spawn_draft(&tok, &[], &stop_rx).await;
+    let w2 = common::spawn_draft(&tok, &[], &stop_rx).await;
+    addrs.lock().unwrap().push(w1);
+    let dep = common::start_with(Setup {
+        orchestrator_flags: vec![
+            "--draft-dns=drafts.test:50053".into(),
+            "--discovery-interval-ms=100".into(),
+            "--health-interval-ms=200".into(),
+        ],
+        resolver: Some(Arc::new(Fixed(addrs.clone()))),
+        ..Setup::drafts(0)
+    })
+    .await;
+    wait_until(30, "the first worker discovered and healthy", || async {
+        healthy(&pool(&dep).await) == 1
+    })
+    .await;
+    addrs.lock().unwrap().push(w2);
+    wait_until(30, "the added worker discovered and healthy", || async {
+        healthy(&pool(&dep).await) == 2
+    })
+    .await;
+    let mut client = dep.client().await;
+    for p in PROMPTS {
+        client
+            .generate(greedy(p, Mode::Duodecoding, 16))
+            .await
+            .unwrap();
+    }
+    let pool_now = pool(&dep).await;
+    assert!(placed(&pool_now, w2) >= 1, "{pool_now:?}");
+    assert!(pool_now.iter().all(|w| w.source == "dns:drafts.test:50053"));
+    // The name stops resolving to w1: it leaves the pool.
+    addrs.lock().unwrap().retain(|a| *a != w1);
+    wait_until(30, "the removed worker gone", || async {
+        pool(&dep).await.len() == 1
+    })
+    .await;
+    drop(stop);
+}
