@@ -51,6 +51,14 @@ async fn invalid_requests_are_rejected_with_a_clear_message() {
             "empty",
         ),
         (
+            "prompt text too large",
+            pb::GenerateRequest {
+                prompt: text(&"a".repeat(70_000)),
+                ..ok_request()
+            },
+            "--max-prompt-bytes",
+        ),
+        (
             "prompt too long",
             pb::GenerateRequest {
                 prompt: Some(generate_request::Prompt::TokenIds(pb::TokenIds {
@@ -210,6 +218,14 @@ async fn invalid_requests_are_rejected_with_a_clear_message() {
             );
         }
     }
+    // A message over the transport limit (4 MiB) is refused before
+    // decoding, with a message that gives the limit.
+    let huge = pb::GenerateRequest {
+        prompt: text(&"a".repeat(5 << 20)),
+        ..ok_request()
+    };
+    let err = client.generate(huge).await.unwrap_err();
+    assert!(err.message().contains("too large"), "{err:?}");
     // Still serving.
     client.generate(ok_request()).await.unwrap();
 }

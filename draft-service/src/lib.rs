@@ -278,9 +278,11 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection()?)
-        .add_service(DraftServer::new(svc.clone()))
+        .add_service(
+            DraftServer::new(svc.clone()).max_decoding_message_size(args.common.max_message_bytes),
+        )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            duo_rpc::serve::incoming(listener),
             duo_rpc::serve::stopped(&stop_rx),
         );
     let mut server = std::pin::pin!(server);

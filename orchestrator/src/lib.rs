@@ -85,6 +85,9 @@ pub struct Args {
     /// /v1/chat/completions, /v1/models) on this address.
     #[arg(long, env = "DUO_HTTP_LISTEN")]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Longest prompt text accepted (bytes; INVALID_ARGUMENT beyond).
+    #[arg(long, env = "DUO_MAX_PROMPT_BYTES", default_value_t = 65536)]
+    pub max_prompt_bytes: usize,
     /// Speaker name of the assistant in the chat template (see docs/openai.md).
     #[arg(long, env = "DUO_CHAT_ASSISTANT", default_value = "Assistant")]
     pub chat_assistant_name: String,
@@ -94,9 +97,11 @@ struct State {
     tokenizer: Tokenizer,
     fingerprint: String,
     target: TargetClient<Channel>,
+    target_address: String,
     pool: Arc<DraftPool>,
     draft_timeout: Duration,
     target_timeout: Duration,
+    max_prompt_bytes: usize,
     limits: Mutex<Option<Limits>>,
     budget: Mutex<BudgetController>,
     limiter: SessionLimiter,
@@ -137,9 +142,7 @@ impl Orchestrator {
             .clone()
             .describe(pb::DescribeRequest {})
             .await
-            .map_err(|s| {
-                Status::unavailable(format!("target-service unavailable: {}", s.message()))
-            })?
+            .map_err(|s| target_status(&self.0.target_address, s))?
             .into_inner();
         check_worker(&self.0, &info)?;
         let model = info.model.unwrap_or_default();
@@ -164,6 +167,13 @@ impl Orchestrator {
                     return Err(Status::invalid_argument(
                         "the prompt is empty: give text or token ids",
                     ));
+                }
+                if t.len() > self.0.max_prompt_bytes {
+                    return Err(Status::invalid_argument(format!(
+                        "the prompt is {} bytes; at most {} are accepted (--max-prompt-bytes): shorten it",
+                        t.len(),
+                        self.0.max_prompt_bytes
+                    )));
                 }
                 self.0
                     .tokenizer
@@ -258,7 +268,7 @@ impl Orchestrator {
             st.target_timeout,
         )
         .await
-        .map_err(|s| remote_status("target-service", s))?;
+        .map_err(|s| target_status(&st.target_address, s))?;
         let draft = if params.mode == Mode::Autoregressive {
             None
         } else if !st.pool.configured() {
@@ -318,20 +328,23 @@ impl Orchestrator {
                 telemetry::record_generation(&g);
                 Ok((g, workers))
             }
-            (Err(_), Some(s)) => Err(remote_status("target-service", s)),
+            (Err(_), Some(s)) => Err(target_status(&st.target_address, s)),
             (Err(e), None) => Err(engine_status(e)),
         }
     }
 }
 
-/// A worker's failure as the client should see it: its own status for bad
-/// input, UNAVAILABLE (with what failed) otherwise.
-fn remote_status(side: &str, s: Status) -> Status {
+/// A target failure as the client should see it: the target's own status
+/// for bad input, else UNAVAILABLE saying where the target was expected.
+fn target_status(address: &str, s: Status) -> Status {
     match s.code() {
         tonic::Code::InvalidArgument
         | tonic::Code::FailedPrecondition
         | tonic::Code::ResourceExhausted => s,
-        _ => Status::unavailable(format!("{side} unavailable: {}", s.message())),
+        _ => Status::unavailable(format!(
+            "target-service unavailable at {address}: {}; the orchestrator reconnects when it is back, retry then",
+            s.message()
+        )),
     }
 }
 
@@ -377,6 +390,8 @@ impl GenerationApi for Orchestrator {
         let this = self.clone();
         let req = request.into_inner();
         tokio::spawn(async move {
+            // Every stream ends with exactly one message after its text
+            // chunks: the final chunk, or the error.
             let last = match this.run(req, Output::Stream(tx.clone())).await {
                 Ok((g, worker)) => Ok(pb::GenerateChunk {
                     text: String::new(),
@@ -389,6 +404,8 @@ impl GenerationApi for Orchestrator {
                 }),
                 Err(s) => Err(s),
             };
+            let end = if last.is_ok() { "final" } else { "error" };
+            metrics::counter!("duo_orchestrator_streams_total", "end" => end).increment(1);
             let _ = tx.send(last).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -404,9 +421,7 @@ impl GenerationApi for Orchestrator {
             .clone()
             .describe(pb::DescribeRequest {})
             .await
-            .map_err(|s| {
-                Status::unavailable(format!("target-service unavailable: {}", s.message()))
-            })?
+            .map_err(|s| target_status(&st.target_address, s))?
             .into_inner();
         let drafts = st.pool.describe_healthy().await;
         let limits = self.limits().await?;
@@ -517,9 +532,11 @@ pub async fn serve_with_resolver(
         fingerprint,
         tokenizer,
         target: TargetClient::new(endpoint(&args.target)?.connect_lazy()),
+        target_address: args.target.clone(),
         pool,
         draft_timeout: ms(args.draft_timeout_ms.max(1)),
         target_timeout: ms(args.target_timeout_ms.max(1)),
+        max_prompt_bytes: args.max_prompt_bytes,
         limits: Mutex::new(None),
         budget: Mutex::new(BudgetController::new(BudgetConfig::default())),
         limiter: SessionLimiter::new(args.max_generations)
@@ -545,6 +562,10 @@ pub async fn serve_with_resolver(
         let app = openai::router(svc.clone()).merge(duo_rpc::metrics::router());
         let stop = stopped(&stop_rx);
         tokio::spawn(async move {
+            // Nagle off, as for gRPC: streamed chunks leave at once.
+            let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             if let Err(e) = axum::serve(http, app).with_graceful_shutdown(stop).await {
                 tracing::error!("HTTP server: {e}");
             }
@@ -553,11 +574,10 @@ pub async fn serve_with_resolver(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection()?)
-        .add_service(GenerationServer::new(svc))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            stopped(&stop_rx),
+        .add_service(
+            GenerationServer::new(svc).max_decoding_message_size(args.common.max_message_bytes),
         )
+        .serve_with_incoming_shutdown(duo_rpc::serve::incoming(listener), stopped(&stop_rx))
         .await
         .map_err(|e| format!("server: {e}"))?;
     health_reporter

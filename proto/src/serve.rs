@@ -21,6 +21,10 @@ pub struct CommonArgs {
     /// Serve Prometheus metrics (GET /metrics) over HTTP on this address.
     #[arg(long, env = "DUO_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Largest gRPC message accepted (bytes); larger ones are refused
+    /// before they are decoded.
+    #[arg(long, env = "DUO_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
 }
 
 /// Session limits of a worker (draft or target service).
@@ -129,6 +133,13 @@ where
         serve(listener).await
     })
     .map_or_else(fail, |()| std::process::ExitCode::SUCCESS)
+}
+
+/// The accepted connections of `listener`, with Nagle's algorithm off:
+/// each round's small messages must leave at once (with it on, a reply
+/// can wait ~40 ms for the peer's delayed ACK).
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -482,6 +482,12 @@ pub fn run(
         };
         let out = round.apply(verdict.verdict, branches)?;
         debug_assert_eq!(out.committed, committed);
+        // Only verified tokens are ever emitted: the output so far is a
+        // prefix of what the round state machine committed.
+        debug_assert!(
+            round.generated().starts_with(&emitted),
+            "an emitted token was not committed"
+        );
         first_round = false;
         stats.rounds += 1;
         stats.drafted += out.drafted();
