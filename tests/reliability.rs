@@ -399,7 +399,7 @@ async fn random_session_messages_never_break_the_workers() {
     let cases: u64 = std::env::var("DUO_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(300);
     let dep = common::start(&[common::models().join("tokenizer.json")]).await;
     let fp = fingerprint(&dep).await;
     let mut replies_seen = 0usize;

@@ -254,6 +254,22 @@ impl Orchestrator {
         let (prompt, params) = self.parse(&req)?;
         session::validate(&prompt, &params, &limits).map_err(engine_status)?;
         let st = &self.0;
+        // The draft first: it may wait in the pool's queue, and the target
+        // session should not sit idle (and count against the target's
+        // limit) meanwhile.
+        let draft = if params.mode == Mode::Autoregressive {
+            None
+        } else if !st.pool.configured() {
+            return Err(Status::unavailable(
+                "no draft worker configured: start a draft-service and pass --draft or --draft-dns, or use MODE_AUTOREGRESSIVE",
+            ));
+        } else {
+            let open = pb::OpenDraft {
+                vocab_size: limits.vocab_size as u32,
+                tokenizer_fingerprint: st.fingerprint.clone(),
+            };
+            Some(PooledDraft::open(st.pool.clone(), open, st.draft_timeout).await?)
+        };
         let (target, _) = RemoteTarget::open(
             st.target.clone(),
             pb::OpenTarget {
@@ -269,19 +285,6 @@ impl Orchestrator {
         )
         .await
         .map_err(|s| target_status(&st.target_address, s))?;
-        let draft = if params.mode == Mode::Autoregressive {
-            None
-        } else if !st.pool.configured() {
-            return Err(Status::unavailable(
-                "no draft worker configured: start a draft-service and pass --draft or --draft-dns, or use MODE_AUTOREGRESSIVE",
-            ));
-        } else {
-            let open = pb::OpenDraft {
-                vocab_size: limits.vocab_size as u32,
-                tokenizer_fingerprint: st.fingerprint.clone(),
-            };
-            Some(PooledDraft::open(st.pool.clone(), open, st.draft_timeout).await?)
-        };
         let budget = st.budget.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let this = self.clone();
         let started = Instant::now();
