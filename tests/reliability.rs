@@ -394,6 +394,27 @@ fn random_target_request(rng: &mut impl Rng, fp: &str) -> pb::TargetRequest {
     pb::TargetRequest { kind }
 }
 
+/// Sends `msgs` one at a time, reading the reply to each; stops at the
+/// first error or the end of the session. Returns (replies, errors).
+async fn play<Req, Rep>(
+    tx: mpsc::Sender<Req>,
+    rx: &mut tonic::Streaming<Rep>,
+    msgs: Vec<Req>,
+) -> (usize, usize) {
+    let mut replies = 0;
+    for msg in msgs {
+        if tx.send(msg).await.is_err() {
+            break;
+        }
+        match rx.message().await {
+            Ok(Some(_)) => replies += 1,
+            Ok(None) => break,
+            Err(_) => return (replies, 1),
+        }
+    }
+    (replies, 0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_session_messages_never_break_the_workers() {
     let cases: u64 = std::env::var("DUO_FUZZ_CASES")
@@ -407,56 +428,43 @@ async fn random_session_messages_never_break_the_workers() {
     for case in 0..cases {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(case);
         let len = rng.random_range(1..8);
-        if case % 2 == 0 {
-            let (tx, mut rx) = draft_session(dep.drafts[0]).await.unwrap();
-            for i in 0..len {
-                // Most sessions open properly, so later messages get deep.
-                let msg = if i == 0 && rng.random_bool(0.8) {
-                    open_draft(&fp)
-                } else {
-                    random_draft_request(&mut rng, &fp)
-                };
-                if tx.send(msg).await.is_err() {
-                    break;
-                }
-                match rx.message().await {
-                    Ok(Some(_)) => replies_seen += 1,
-                    Ok(None) => break,
-                    Err(_) => {
-                        errors_seen += 1;
-                        break;
+        let (replies, errors) = if case % 2 == 0 {
+            // Most sessions open properly, so later messages get deep.
+            let msgs: Vec<_> = (0..len)
+                .map(|i| {
+                    if i == 0 && rng.random_bool(0.8) {
+                        open_draft(&fp)
+                    } else {
+                        random_draft_request(&mut rng, &fp)
                     }
-                }
-            }
+                })
+                .collect();
+            let (tx, mut rx) = draft_session(dep.drafts[0]).await.unwrap();
+            play(tx, &mut rx, msgs).await
         } else {
+            let msgs: Vec<_> = (0..len)
+                .map(|i| {
+                    let mut msg = random_target_request(&mut rng, &fp);
+                    if i == 0 && rng.random_bool(0.8) {
+                        msg.kind = Some(target_request::Kind::Open(pb::OpenTarget {
+                            vocab_size: 2048,
+                            tokenizer_fingerprint: fp.clone(),
+                            ..Default::default()
+                        }));
+                    }
+                    msg
+                })
+                .collect();
             let (tx, trx) = mpsc::channel(8);
             let mut rx = TargetClient::new(common::channel(dep.target).await)
                 .session(ReceiverStream::new(trx))
                 .await
                 .unwrap()
                 .into_inner();
-            for i in 0..len {
-                let mut msg = random_target_request(&mut rng, &fp);
-                if i == 0 && rng.random_bool(0.8) {
-                    msg.kind = Some(target_request::Kind::Open(pb::OpenTarget {
-                        vocab_size: 2048,
-                        tokenizer_fingerprint: fp.clone(),
-                        ..Default::default()
-                    }));
-                }
-                if tx.send(msg).await.is_err() {
-                    break;
-                }
-                match rx.message().await {
-                    Ok(Some(_)) => replies_seen += 1,
-                    Ok(None) => break,
-                    Err(_) => {
-                        errors_seen += 1;
-                        break;
-                    }
-                }
-            }
-        }
+            play(tx, &mut rx, msgs).await
+        };
+        replies_seen += replies;
+        errors_seen += errors;
     }
     eprintln!("fuzz: {cases} sessions, {replies_seen} replies, {errors_seen} refused");
     // The workers still serve, and every fuzzed session was freed.

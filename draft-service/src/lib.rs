@@ -15,7 +15,7 @@ use duo_rpc::convert::{sync_from_pb, tree_to_pb};
 use duo_rpc::pb::draft_server::{Draft, DraftServer};
 use duo_rpc::pb::{self, draft_reply, draft_request};
 use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection};
-use duo_rpc::worker::{LoadedWorker, Next, idle_status, next_request, runtime_status};
+use duo_rpc::worker::{LoadedWorker, next_or_close, runtime_status};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -116,22 +116,9 @@ impl Draft for DraftService {
         tokio::spawn(async move {
             let _slot = slot;
             let Ok(loaded) = svc.loaded() else { return };
-            let vocab = loaded
-                .info
-                .model
-                .as_ref()
-                .map_or(0, |m| m.vocab_size as usize);
+            let vocab = loaded.vocab_size() as usize;
             let mut drafter: Option<Drafter> = None;
-            loop {
-                let msg = match next_request(&mut inbound, svc.ttl).await {
-                    Next::Message(m) => m,
-                    Next::Closed => break,
-                    Next::Idle(ttl) => {
-                        tracing::info!("closing an idle session");
-                        let _ = tx.send(Err(idle_status("draft-service", ttl))).await;
-                        break;
-                    }
-                };
+            while let Some(msg) = next_or_close(&mut inbound, svc.ttl, &tx, "draft-service").await {
                 let reply = match msg.kind {
                     None => Err(Status::invalid_argument(
                         "empty DraftRequest: set open or draft",

@@ -103,6 +103,26 @@ pub async fn next_request<T>(inbound: &mut Streaming<T>, ttl: Option<Duration>) 
     }
 }
 
+/// The next request of a session, or `None` when the session is over:
+/// the client left, or it sent nothing for `ttl` (then it is told so with
+/// DEADLINE_EXCEEDED before the session closes).
+pub async fn next_or_close<T, R>(
+    inbound: &mut Streaming<T>,
+    ttl: Option<Duration>,
+    replies: &tokio::sync::mpsc::Sender<Result<R, Status>>,
+    role: &str,
+) -> Option<T> {
+    match next_request(inbound, ttl).await {
+        Next::Message(m) => Some(m),
+        Next::Closed => None,
+        Next::Idle(ttl) => {
+            tracing::info!("closing an idle {role} session");
+            let _ = replies.send(Err(idle_status(role, ttl))).await;
+            None
+        }
+    }
+}
+
 /// The status that ends an idle session.
 pub fn idle_status(role: &str, ttl: Duration) -> Status {
     Status::deadline_exceeded(format!(

@@ -18,7 +18,7 @@ use duo_core::sampling::{Rng, SamplingParams, rng_from_seed};
 use duo_rpc::pb::target_server::{Target, TargetServer};
 use duo_rpc::pb::{self, target_reply, target_request};
 use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection};
-use duo_rpc::worker::{LoadedWorker, Next, idle_status, next_request, runtime_status};
+use duo_rpc::worker::{LoadedWorker, next_or_close, runtime_status};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -153,22 +153,10 @@ impl Target for TargetService {
         tokio::spawn(async move {
             let _slot = slot;
             let Ok(loaded) = svc.loaded() else { return };
-            let vocab = loaded
-                .info
-                .model
-                .as_ref()
-                .map_or(0, |m| m.vocab_size as usize);
+            let vocab = loaded.vocab_size() as usize;
             let mut session: Option<TargetSession> = None;
-            loop {
-                let msg = match next_request(&mut inbound, svc.ttl).await {
-                    Next::Message(m) => m,
-                    Next::Closed => break,
-                    Next::Idle(ttl) => {
-                        tracing::info!("closing an idle session");
-                        let _ = tx.send(Err(idle_status("target-service", ttl))).await;
-                        break;
-                    }
-                };
+            while let Some(msg) = next_or_close(&mut inbound, svc.ttl, &tx, "target-service").await
+            {
                 let reply = match msg.kind {
                     None => Err(Status::invalid_argument(
                         "empty TargetRequest: set open or verify",
