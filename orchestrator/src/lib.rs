@@ -503,16 +503,8 @@ pub async fn serve_with_resolver(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     resolver: Arc<dyn Resolver>,
 ) -> Result<(), String> {
-    duo_rpc::metrics::install();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    let stop_rx = duo_rpc::serve::start_common(&args.common, shutdown).await?;
     let stopped = duo_rpc::serve::stopped;
-    if let Some(addr) = args.common.metrics_listen {
-        duo_rpc::metrics::spawn_server(addr, stopped(&stop_rx)).await?;
-    }
     let tokenizer = Tokenizer::from_file(&args.tokenizer).map_err(|e| e.to_string())?;
     let fingerprint = tokenizer.fingerprint();
     let ms = Duration::from_millis;

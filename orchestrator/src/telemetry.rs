@@ -97,13 +97,14 @@ pub fn record_generation(g: &Generation) {
         metrics::counter!("duo_orchestrator_position_accepted_total", "position" => pos)
             .increment(accepted as u64);
     }
-    if s.rounds > 0 && s.mode != duo_core::engine::Mode::Autoregressive {
-        metrics::histogram!("duo_orchestrator_gamma_per_round").record(s.gamma_mean);
-        let k = metrics::histogram!("duo_orchestrator_branches_per_round");
-        for (&branches, &rounds) in &s.k_hist {
+    let per_round = |name: &'static str, hist: &std::collections::BTreeMap<usize, usize>| {
+        let h = metrics::histogram!(name);
+        for (&value, &rounds) in hist {
             for _ in 0..rounds {
-                k.record(branches as f64);
+                h.record(value as f64);
             }
         }
-    }
+    };
+    per_round("duo_orchestrator_gamma_per_round", &s.gamma_hist);
+    per_round("duo_orchestrator_branches_per_round", &s.k_hist);
 }

@@ -96,6 +96,25 @@ pub fn reflection() -> Result<
         .map_err(|e| format!("building reflection: {e}"))
 }
 
+/// What every service does first: installs the metrics recorder, turns
+/// `shutdown` into a watch every server can wait on ([`stopped`]), and
+/// serves `/metrics` when `--metrics-listen` is set.
+pub async fn start_common(
+    common: &CommonArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::sync::watch::Receiver<bool>, String> {
+    crate::metrics::install();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    if let Some(addr) = common.metrics_listen {
+        crate::metrics::spawn_server(addr, stopped(&stop_rx)).await?;
+    }
+    Ok(stop_rx)
+}
+
 /// A future that resolves once `rx` turns true (shutdown fan-out: one
 /// signal stops the gRPC server and the HTTP servers beside it).
 pub fn stopped(

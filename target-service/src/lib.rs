@@ -264,15 +264,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    duo_rpc::metrics::install();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    if let Some(addr) = args.common.metrics_listen {
-        duo_rpc::metrics::spawn_server(addr, duo_rpc::serve::stopped(&stop_rx)).await?;
-    }
+    let stop_rx = duo_rpc::serve::start_common(&args.common, shutdown).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_not_serving::<TargetServer<TargetService>>()

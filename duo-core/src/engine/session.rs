@@ -117,6 +117,8 @@ pub struct Stats {
     pub gamma_mean: f64,
     /// Rounds by number of branches offered (k).
     pub k_hist: BTreeMap<usize, usize>,
+    /// Drafting rounds by draft budget γ.
+    pub gamma_hist: BTreeMap<usize, usize>,
     /// Rounds where an offered branch's head matched the drawn token.
     pub branch_hits: usize,
     /// ...of which the matched branch was not the draft's first choice.
@@ -381,6 +383,7 @@ pub fn run(
                             health.fresh = false;
                             stats.target_idle_ms += round_start.elapsed().as_secs_f64() * 1e3;
                             gamma_sum += gamma;
+                            *stats.gamma_hist.entry(gamma).or_default() += 1;
                             draft_rounds += 1;
                             let mut chain = tree.branches.first().cloned().unwrap_or_default();
                             chain.truncate(gamma);
@@ -418,6 +421,7 @@ pub fn run(
                         Ok(()) => {
                             drafting = true;
                             gamma_sum += gamma;
+                            *stats.gamma_hist.entry(gamma).or_default() += 1;
                             draft_rounds += 1;
                         }
                         Err(e) => health.failed(d, e, &mut stats)?,
