@@ -212,9 +212,8 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        let _ = tokio::signal::ctrl_c().await;
-    });
+    // Ctrl-C or SIGTERM: either way the services are stopped below.
+    rt.block_on(duo_rpc::serve::shutdown_signal());
     eprintln!("stopping the services");
     drop(dep);
     Ok(())

@@ -253,10 +253,20 @@ fn cores() -> &'static [core_affinity::CoreId] {
 }
 
 /// Pins the calling thread to `core` (modulo the core count); best effort.
+/// A thread already pinned there makes no system call (the services call
+/// this once per round on pooled threads).
 pub fn pin_current_thread(core: usize) {
+    thread_local! {
+        static PINNED: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
     let ids = cores();
-    if !ids.is_empty() {
-        core_affinity::set_for_current(ids[core % ids.len()]);
+    if ids.is_empty() {
+        return;
+    }
+    let core = core % ids.len();
+    if PINNED.get() != Some(core) {
+        core_affinity::set_for_current(ids[core]);
+        PINNED.set(Some(core));
     }
 }
 
