@@ -214,42 +214,23 @@ async fn fingerprint(dep: &common::Deployment) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn session_limits_queue_and_time_to_live() {
+async fn idle_sessions_expire_on_both_workers() {
     let dep = common::start_with(Setup {
-        draft_flags: vec![
-            "--max-sessions=1".into(),
-            "--session-queue=1".into(),
-            "--session-queue-timeout-ms=300".into(),
-            "--session-ttl-s=1".into(),
-        ],
+        draft_flags: vec!["--session-ttl-s=1".into()],
         target_flags: vec!["--session-ttl-s=1".into()],
-        orchestrator_flags: vec![
-            "--draft-queue=1".into(),
-            "--draft-queue-timeout-ms=20000".into(),
-        ],
         ..Setup::drafts(1)
     })
     .await;
     let fp = fingerprint(&dep).await;
-    let d = dep.drafts[0];
-    // 1. One session fits; the next waits in the queue, then is refused.
-    let (tx1, mut rx1) = draft_session(d).await.unwrap();
-    tx1.send(open_draft(&fp)).await.unwrap();
-    rx1.message().await.unwrap().unwrap();
-    let t0 = Instant::now();
-    let refused = draft_session(d).await.expect_err("over the limit");
-    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-    assert!(refused.message().contains("limit of 1"), "{refused:?}");
-    assert!(t0.elapsed() >= Duration::from_millis(250), "did not queue");
-    // 2. The idle session expires after its time-to-live.
-    let end = tokio::time::timeout(Duration::from_secs(10), rx1.message())
+    let (tx, mut rx) = draft_session(dep.drafts[0]).await.unwrap();
+    tx.send(open_draft(&fp)).await.unwrap();
+    rx.message().await.unwrap().unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), rx.message())
         .await
-        .expect("idle session not closed");
+        .expect("idle draft session not closed");
     let status = end.unwrap_err();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("--session-ttl-s"));
-    drop(tx1);
-    // The same for the target.
     let (ttx, trx) = mpsc::channel(4);
     let mut treplies = TargetClient::new(common::channel(dep.target).await)
         .session(ReceiverStream::new(trx))
@@ -270,9 +251,47 @@ async fn session_limits_queue_and_time_to_live() {
         .await
         .expect("idle target session not closed");
     assert_eq!(end.unwrap_err().code(), tonic::Code::DeadlineExceeded);
-    // 3. Orchestrator backpressure: the worker (capacity 1) is busy with
-    //    one generation; a second one waits in the draft queue and runs
-    //    when the first ends; a third finds the queue full.
+    common::wait_until(10, "expired sessions freed", || async {
+        common::pool(&dep)
+            .await
+            .first()
+            .is_some_and(|w| w.sessions_open == 0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_limits_queues_and_backpressure() {
+    // A worker with room for one session and a queue of one.
+    let dep = common::start_with(Setup {
+        draft_flags: vec![
+            "--max-sessions=1".into(),
+            "--session-queue=1".into(),
+            "--session-queue-timeout-ms=300".into(),
+        ],
+        orchestrator_flags: vec![
+            "--draft-queue=1".into(),
+            "--draft-queue-timeout-ms=20000".into(),
+        ],
+        ..Setup::drafts(1)
+    })
+    .await;
+    let fp = fingerprint(&dep).await;
+    let d = dep.drafts[0];
+    // 1. One session fits; the next waits in the worker's queue, then is
+    //    refused.
+    let (tx1, mut rx1) = draft_session(d).await.unwrap();
+    tx1.send(open_draft(&fp)).await.unwrap();
+    rx1.message().await.unwrap().unwrap();
+    let t0 = Instant::now();
+    let refused = draft_session(d).await.expect_err("over the limit");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(refused.message().contains("limit of 1"), "{refused:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(250), "did not queue");
+    drop((tx1, rx1));
+    // 2. Orchestrator backpressure: the worker is busy with one generation;
+    //    a second one waits in the draft queue and runs when the first
+    //    ends; a third finds the queue full.
     common::wait_until(10, "sessions freed", || async {
         common::pool(&dep)
             .await

@@ -98,6 +98,9 @@ pub struct Worker {
     active: AtomicUsize,
     /// Sessions open and capacity, as the worker last reported (0 = unknown).
     reported_open: AtomicU32,
+    /// Our sessions there that ended since that report (so a freed slot is
+    /// reused at once, not after the next probe).
+    closed_since_report: AtomicU32,
     capacity: AtomicU32,
     placed: AtomicU64,
 }
@@ -113,6 +116,7 @@ impl Worker {
             state: AtomicU8::new(UNKNOWN),
             active: AtomicUsize::new(0),
             reported_open: AtomicU32::new(0),
+            closed_since_report: AtomicU32::new(0),
             capacity: AtomicU32::new(0),
             placed: AtomicU64::new(0),
         })
@@ -124,10 +128,11 @@ impl Worker {
 
     /// (sessions in use, capacity); capacity 0 = unknown (no limit known).
     fn load(&self) -> (usize, usize) {
-        let used = self
-            .active
+        let reported = self
+            .reported_open
             .load(Ordering::Relaxed)
-            .max(self.reported_open.load(Ordering::Relaxed) as usize);
+            .saturating_sub(self.closed_since_report.load(Ordering::Relaxed));
+        let used = self.active.load(Ordering::Relaxed).max(reported as usize);
         (used, self.capacity.load(Ordering::Relaxed) as usize)
     }
 
@@ -152,6 +157,9 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.worker.active.fetch_sub(1, Ordering::Relaxed);
+        self.worker
+            .closed_since_report
+            .fetch_add(1, Ordering::Relaxed);
         self.pool.freed.notify_waiters();
     }
 }
@@ -392,18 +400,15 @@ impl DraftPool {
             .filter(|w| !only_unknown || w.state() == UNKNOWN)
             .collect();
         let probes = workers.iter().map(|w| self.probe(w));
-        let changed = futures_util::future::join_all(probes)
-            .await
-            .into_iter()
-            .any(|c| c);
-        if changed {
-            self.freed.notify_waiters();
-        }
+        futures_util::future::join_all(probes).await;
+        // New states and loads may have made room: queued generations look
+        // again (a freed session is only seen in the worker's next report).
+        self.freed.notify_waiters();
         self.publish();
     }
 
-    /// One probe; true when the worker's state changed.
-    async fn probe(&self, w: &Worker) -> bool {
+    /// One probe: updates the worker's state and reported load.
+    async fn probe(&self, w: &Worker) {
         let checked = tokio::time::timeout(self.cfg.probe_timeout, async {
             let status = w
                 .health
@@ -438,6 +443,7 @@ impl DraftPool {
         let new = match &checked {
             Ok(info) => {
                 w.reported_open.store(info.sessions_open, Ordering::Relaxed);
+                w.closed_since_report.store(0, Ordering::Relaxed);
                 w.capacity.store(info.max_sessions, Ordering::Relaxed);
                 HEALTHY
             }
@@ -456,7 +462,6 @@ impl DraftPool {
                 }
             }
         }
-        old != new
     }
 
     /// Re-resolves the DNS names: adds new addresses, drops vanished ones
