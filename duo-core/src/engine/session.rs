@@ -15,7 +15,7 @@ use super::verifier::TargetVerdict;
 use crate::sampling::SamplingParams;
 use crate::spec::budget::{BudgetController, BudgetReport};
 use crate::spec::policy::BranchPolicy;
-use crate::spec::round::Round;
+use crate::spec::round::{DraftSync, Round};
 use crate::spec::stop::{FinishReason, StopConfig, Terminator};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -358,7 +358,10 @@ pub fn run(
         {
             health.ready = d.recover() == Recovery::Ready;
         }
-        let sync = if health.fresh {
+        // What the draft must do first (nothing to build when it won't draft).
+        let sync = if params.mode == Mode::Autoregressive || !health.ready {
+            DraftSync::default()
+        } else if health.fresh {
             round.full_draft_sync()
         } else {
             round.draft_sync().clone()
