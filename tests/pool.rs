@@ -77,8 +77,7 @@ async fn start_streams(
     let mut out = Vec::new();
     for i in 0..streams {
         let p = i % PROMPTS.len();
-        let mut s = dep
-            .client()
+        let mut s = common::held_client(dep.orchestrator)
             .await
             .generate_stream(greedy(PROMPTS[p], Mode::Duodecoding, n))
             .await

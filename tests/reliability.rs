@@ -57,7 +57,8 @@ async fn target_restart_fails_in_flight_requests_then_serves_again() {
     // Load: 8 long streams, each past its first chunk.
     let mut streams = Vec::new();
     for p in PROMPTS {
-        let mut s = client
+        let mut s = common::held_client(dep.orchestrator)
+            .await
             .generate_stream(greedy(p, Mode::Duodecoding, 400))
             .await
             .unwrap()
@@ -300,7 +301,8 @@ async fn session_limits_queues_and_backpressure() {
     })
     .await;
     let mut client = dep.client().await;
-    let mut first = client
+    let mut first = common::held_client(dep.orchestrator)
+        .await
         .generate_stream(greedy(PROMPTS[0], Mode::Duodecoding, 300))
         .await
         .unwrap()
@@ -323,6 +325,50 @@ async fn session_limits_queues_and_backpressure() {
     drain(first, Vec::new()).await.unwrap();
     let second = second.await.unwrap().unwrap().into_inner();
     assert!(second.stats.unwrap().drafted > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn generations_beyond_the_limit_queue_then_are_refused() {
+    let dep = common::start_with(Setup {
+        orchestrator_flags: vec![
+            "--max-generations=1".into(),
+            "--generation-queue=1".into(),
+            "--generation-queue-timeout-ms=300".into(),
+        ],
+        ..Setup::drafts(1)
+    })
+    .await;
+    let mut client = dep.client().await;
+    let mut first = common::held_client(dep.orchestrator)
+        .await
+        .generate_stream(greedy(PROMPTS[0], Mode::Duodecoding, 300))
+        .await
+        .unwrap()
+        .into_inner();
+    first.message().await.unwrap().unwrap();
+    let t0 = Instant::now();
+    let refused = client
+        .generate(greedy(PROMPTS[1], Mode::Duodecoding, 8))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains("limit of 1 concurrent generations"),
+        "{refused:?}"
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(250), "did not queue");
+    // Once the first ends, the next one is served.
+    drain(first, Vec::new()).await.unwrap();
+    client
+        .generate(greedy(PROMPTS[1], Mode::Duodecoding, 8))
+        .await
+        .unwrap();
 }
 
 /// Below `usual` mostly, below `rare` sometimes.

@@ -78,9 +78,15 @@ pub struct Args {
     /// tokenizer.json (must match the workers').
     #[arg(long, env = "DUO_TOKENIZER")]
     pub tokenizer: PathBuf,
-    /// Most generations at once (RESOURCE_EXHAUSTED beyond).
+    /// Most generations at once.
     #[arg(long, env = "DUO_MAX_GENERATIONS", default_value_t = 64)]
     pub max_generations: usize,
+    /// Requests that may wait for a generation slot when all are taken;
+    /// beyond, and after --generation-queue-timeout-ms, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DUO_GENERATION_QUEUE", default_value_t = 64)]
+    pub generation_queue: usize,
+    #[arg(long, env = "DUO_GENERATION_QUEUE_TIMEOUT_MS", default_value_t = 5000)]
+    pub generation_queue_timeout_ms: u64,
     /// Also serve the OpenAI-compatible HTTP API (/v1/completions,
     /// /v1/chat/completions, /v1/models) on this address.
     #[arg(long, env = "DUO_HTTP_LISTEN")]
@@ -249,7 +255,7 @@ impl Orchestrator {
         req: pb::GenerateRequest,
         out: Output,
     ) -> Result<(Generation, String), Status> {
-        let slot = self.0.limiter.try_open("orchestrator")?;
+        let slot = self.0.limiter.open("orchestrator").await?;
         let limits = self.limits().await?;
         let (prompt, params) = self.parse(&req)?;
         session::validate(&prompt, &params, &limits).map_err(engine_status)?;
@@ -535,7 +541,9 @@ pub async fn serve_with_resolver(
         limits: Mutex::new(None),
         budget: Mutex::new(BudgetController::new(BudgetConfig::default())),
         limiter: SessionLimiter::new(args.max_generations)
-            .with_gauge("duo_orchestrator_generations_open"),
+            .with_queue(args.generation_queue, ms(args.generation_queue_timeout_ms))
+            .with_gauge("duo_orchestrator_generations_open")
+            .with_unit("generations"),
         chat_template: openai::ChatTemplate {
             assistant_name: args.chat_assistant_name.clone(),
         },

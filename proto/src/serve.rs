@@ -195,6 +195,8 @@ pub struct SessionLimiter {
     queue: usize,
     queue_timeout: Duration,
     gauge: Option<&'static str>,
+    /// What is counted, for messages ("sessions", "generations").
+    unit: &'static str,
 }
 
 /// Held for the life of a session; dropping it frees the slot.
@@ -234,7 +236,14 @@ impl SessionLimiter {
             queue: 0,
             queue_timeout: Duration::ZERO,
             gauge: None,
+            unit: "sessions",
         }
+    }
+
+    /// Names what is counted in messages (default "sessions").
+    pub fn with_unit(mut self, unit: &'static str) -> Self {
+        self.unit = unit;
+        self
     }
 
     /// Lets up to `queue` requests wait up to `timeout` for a slot.
@@ -252,8 +261,9 @@ impl SessionLimiter {
 
     fn full(&self, what: &str) -> Status {
         Status::resource_exhausted(format!(
-            "{what} is at its limit of {} concurrent sessions{}: retry later or add capacity",
+            "{what} is at its limit of {} concurrent {}{}: retry later or add capacity",
             self.max,
+            self.unit,
             if self.queue > 0 {
                 format!(" and {} queued", self.queue)
             } else {

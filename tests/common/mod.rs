@@ -39,6 +39,21 @@ impl Drop for Deployment {
     }
 }
 
+/// A client whose streams stall once a few chunks are unread: HTTP/2 flow
+/// control (a 1 KiB window, on its own connection) stops the server from
+/// sending more, so a generation stays in flight until the test reads it.
+/// (With the default windows the client buffers a whole generation.)
+pub async fn held_client(addr: SocketAddr) -> GenerationClient<Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    GenerationClient::new(ch)
+}
+
 pub async fn channel(addr: SocketAddr) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
