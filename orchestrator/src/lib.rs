@@ -244,8 +244,16 @@ impl Orchestrator {
         req: pb::GenerateRequest,
         out: Output,
     ) -> Result<(Generation, String), Status> {
+        use tracing::Instrument;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mode = req.mode;
-        let res = self.run_inner(req, out).await;
+        let mode_name = pb::Mode::try_from(req.mode).map_or("UNKNOWN", |m| m.as_str_name());
+        let span = tracing::info_span!("request", id, mode = mode_name);
+        let res = self.run_inner(req, out).instrument(span.clone()).await;
+        if let Err(s) = &res {
+            span.in_scope(|| tracing::info!(code = ?s.code(), "request failed: {}", s.message()));
+        }
         telemetry::record_request(mode, &res);
         res
     }
@@ -294,7 +302,9 @@ impl Orchestrator {
         let budget = st.budget.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let this = self.clone();
         let started = Instant::now();
+        let span = tracing::Span::current();
         let (gen_result, failure, budget, workers) = tokio::task::spawn_blocking(move || {
+            let _request = span.enter();
             let _slot = slot;
             let mut target = target;
             let mut budget = budget;
