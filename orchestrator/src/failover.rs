@@ -49,11 +49,12 @@ impl PooledDraft {
             workers: Vec::new(),
             refused: None,
         };
+        let mut tried = Vec::new();
         if let Some(lease) = first {
-            this.current = this.open_on(lease, &mut Vec::new()).await;
+            this.current = this.open_on(lease, &mut tried).await;
         }
         if this.current.is_none() {
-            this.current = this.open_elsewhere(&[]).await;
+            this.current = this.open_elsewhere(&tried).await;
         }
         if let Some(s) = &this.refused
             && this.current.is_none()
