@@ -77,14 +77,8 @@ async fn start_streams(
     let mut out = Vec::new();
     for i in 0..streams {
         let p = i % PROMPTS.len();
-        let mut s = common::held_client(dep.orchestrator)
-            .await
-            .generate_stream(greedy(PROMPTS[p], Mode::Duodecoding, n))
-            .await
-            .unwrap()
-            .into_inner();
-        let first = s.message().await.unwrap().unwrap();
-        out.push((p, s, first.token_ids));
+        let (s, first) = common::held_stream(dep, greedy(PROMPTS[p], Mode::Duodecoding, n)).await;
+        out.push((p, s, first));
     }
     out
 }

@@ -57,13 +57,7 @@ async fn target_restart_fails_in_flight_requests_then_serves_again() {
     // Load: 8 long streams, each past its first chunk.
     let mut streams = Vec::new();
     for p in PROMPTS {
-        let mut s = common::held_client(dep.orchestrator)
-            .await
-            .generate_stream(greedy(p, Mode::Duodecoding, 400))
-            .await
-            .unwrap()
-            .into_inner();
-        s.message().await.unwrap().unwrap();
+        let (s, _) = common::held_stream(&dep, greedy(p, Mode::Duodecoding, 400)).await;
         streams.push(s);
     }
     target.kill();
@@ -301,13 +295,7 @@ async fn session_limits_queues_and_backpressure() {
     })
     .await;
     let mut client = dep.client().await;
-    let mut first = common::held_client(dep.orchestrator)
-        .await
-        .generate_stream(greedy(PROMPTS[0], Mode::Duodecoding, 300))
-        .await
-        .unwrap()
-        .into_inner();
-    first.message().await.unwrap().unwrap();
+    let (first, _) = common::held_stream(&dep, greedy(PROMPTS[0], Mode::Duodecoding, 300)).await;
     let mut c2 = dep.client().await;
     let second =
         tokio::spawn(async move { c2.generate(greedy(PROMPTS[1], Mode::Duodecoding, 16)).await });
@@ -339,13 +327,7 @@ async fn generations_beyond_the_limit_queue_then_are_refused() {
     })
     .await;
     let mut client = dep.client().await;
-    let mut first = common::held_client(dep.orchestrator)
-        .await
-        .generate_stream(greedy(PROMPTS[0], Mode::Duodecoding, 300))
-        .await
-        .unwrap()
-        .into_inner();
-    first.message().await.unwrap().unwrap();
+    let (first, _) = common::held_stream(&dep, greedy(PROMPTS[0], Mode::Duodecoding, 300)).await;
     let t0 = Instant::now();
     let refused = client
         .generate(greedy(PROMPTS[1], Mode::Duodecoding, 8))

@@ -54,6 +54,23 @@ pub async fn held_client(addr: SocketAddr) -> GenerationClient<Channel> {
     GenerationClient::new(ch)
 }
 
+/// Starts `req` as a stream on a [`held_client`] and reads its first chunk:
+/// the generation is then in flight until the stream is read further.
+/// Returns the stream and the first chunk's token ids.
+pub async fn held_stream(
+    dep: &Deployment,
+    req: duo_rpc::pb::GenerateRequest,
+) -> (tonic::Streaming<duo_rpc::pb::GenerateChunk>, Vec<u32>) {
+    let mut s = held_client(dep.orchestrator)
+        .await
+        .generate_stream(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.message().await.unwrap().unwrap();
+    (s, first.token_ids)
+}
+
 pub async fn channel(addr: SocketAddr) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
