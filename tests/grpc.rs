@@ -76,10 +76,7 @@ async fn greedy_over_grpc_matches_in_process_autoregressive() {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(
-                &got.token_ids, want,
-                "prompt {i}, {mode:?}: output differs from in-process autoregressive"
-            );
+            common::check_greedy(&format!("prompt {i}, {mode:?}"), p, &got.token_ids, want);
             let stats = got.stats.unwrap();
             assert_eq!(stats.new_tokens as usize, got.token_ids.len());
             assert!(stats.accepted <= stats.drafted);

@@ -415,3 +415,65 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     buf.split_once("\r\n\r\n")
         .map_or(buf.clone(), |(_, b)| b.to_string())
 }
+
+/// Largest top-1 minus top-2 target logit gap at which two modes may pick
+/// different tokens: a multi-token forward (verification) and a one-token
+/// forward (autoregressive) round differently, so an exact tie can flip.
+/// The same rule as `tests/greedy_equality.rs` and `duo bench`.
+pub const NEAR_TIE: f32 = 1e-3;
+
+/// Checks a greedy output against the autoregressive reference for `prompt`
+/// (ids). Equal, or diverging only at a near-tie of the target's top-2
+/// logits (then the rest is not compared, and the tie is reported): `Ok`
+/// with the number of near-tie divergences (0 or 1). Anything else panics
+/// with the position and the gap.
+pub fn check_greedy(what: &str, prompt: &[u32], got: &[u32], want: &[u32]) -> usize {
+    if got == want {
+        return 0;
+    }
+    let at = got.iter().zip(want).take_while(|(a, b)| a == b).count();
+    assert!(
+        at < got.len() && at < want.len(),
+        "{what}: lengths differ ({} vs {}) with no divergent token",
+        got.len(),
+        want.len()
+    );
+    let mut ctx = prompt.to_vec();
+    ctx.extend_from_slice(&want[..at]);
+    let gap = with_engine(|e| e.target_top2_gap(&ctx).unwrap());
+    assert!(
+        gap < NEAR_TIE,
+        "{what}: diverged from autoregressive at token {at} (target top-2 gap {gap:.3e}): {:?} vs {:?}",
+        &got[at..(at + 5).min(got.len())],
+        &want[at..(at + 5).min(want.len())]
+    );
+    eprintln!("{what}: near-tie divergence at token {at} (gap {gap:.2e})");
+    1
+}
+
+/// Runs `f` on one in-process engine with the bundled pair (loaded once).
+fn with_engine<R>(f: impl FnOnce(&mut duo_core::engine::Engine) -> R) -> R {
+    static ENGINE: std::sync::OnceLock<std::sync::Mutex<duo_core::engine::Engine>> =
+        std::sync::OnceLock::new();
+    let run = || {
+        let engine = ENGINE.get_or_init(|| {
+            std::sync::Mutex::new(
+                duo_core::engine::Engine::load(&duo_core::engine::EngineConfig::bundled(&models()))
+                    .unwrap(),
+            )
+        });
+        f(&mut engine.lock().unwrap_or_else(|p| p.into_inner()))
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => tokio::task::block_in_place(run),
+        Err(_) => run(),
+    }
+}
+
+/// The bundled tokenizer's ids for `text` (as the orchestrator encodes it).
+pub fn encode(text: &str) -> Vec<u32> {
+    duo_core::tokenizer::Tokenizer::from_file(models().join("tokenizer.json"))
+        .unwrap()
+        .encode(text)
+        .unwrap()
+}
