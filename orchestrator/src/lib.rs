@@ -142,6 +142,12 @@ impl Orchestrator {
         if let Some(l) = *self.0.limits.lock().unwrap_or_else(|p| p.into_inner()) {
             return Ok(l);
         }
+        let info = self.describe_target().await?;
+        Ok(self.remember_limits(&info))
+    }
+
+    /// The target's `Describe`, refused when its tokenizer differs from ours.
+    async fn describe_target(&self) -> Result<pb::WorkerInfo, Status> {
         let info = self
             .0
             .target
@@ -151,7 +157,12 @@ impl Orchestrator {
             .map_err(|s| target_status(&self.0.target_address, s))?
             .into_inner();
         check_worker(&self.0, &info)?;
-        let model = info.model.unwrap_or_default();
+        Ok(info)
+    }
+
+    /// Learns (or refreshes) the model limits from the target's info.
+    fn remember_limits(&self, info: &pb::WorkerInfo) -> Limits {
+        let model = info.model.clone().unwrap_or_default();
         let limits = Limits {
             context_len: if model.context_len == 0 {
                 2048
@@ -162,7 +173,7 @@ impl Orchestrator {
             eos: self.0.tokenizer.eos_id(),
         };
         *self.0.limits.lock().unwrap_or_else(|p| p.into_inner()) = Some(limits);
-        Ok(limits)
+        limits
     }
 
     /// Turns a request into the core's parameters and prompt ids.
@@ -247,9 +258,8 @@ impl Orchestrator {
         use tracing::Instrument;
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mode = req.mode;
-        let mode_name = pb::Mode::try_from(req.mode).map_or("UNKNOWN", |m| m.as_str_name());
-        let span = tracing::info_span!("request", id, mode = mode_name);
+        let mode = mode_from_pb(req.mode).ok();
+        let span = tracing::info_span!("request", id, mode = ?mode);
         let res = self.run_inner(req, out).instrument(span.clone()).await;
         if let Err(s) = &res {
             span.in_scope(|| tracing::info!(code = ?s.code(), "request failed: {}", s.message()));
@@ -435,15 +445,9 @@ impl GenerationApi for Orchestrator {
         _: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let st = &self.0;
-        let target = st
-            .target
-            .clone()
-            .describe(pb::DescribeRequest {})
-            .await
-            .map_err(|s| target_status(&st.target_address, s))?
-            .into_inner();
+        let target = self.describe_target().await?;
+        let limits = self.remember_limits(&target);
         let drafts = st.pool.describe_healthy().await;
-        let limits = self.limits().await?;
         Ok(Response::new(pb::InfoResponse {
             target: Some(target),
             drafts,
@@ -619,16 +623,8 @@ async fn watch_health(
     let mut delay = Duration::from_millis(100);
     loop {
         let probe = async {
-            let info = svc
-                .0
-                .target
-                .clone()
-                .describe(pb::DescribeRequest {})
-                .await
-                .map_err(|s| Status::unavailable(s.message().to_string()))?
-                .into_inner();
-            check_worker(&svc.0, &info)?;
-            svc.limits().await
+            let info = svc.describe_target().await?;
+            Ok::<_, Status>(svc.remember_limits(&info))
         };
         let res = tokio::time::timeout(Duration::from_secs(5), probe)
             .await

@@ -29,6 +29,24 @@ fn unavailable(side: &'static str, s: &Status) -> EngineError {
     EngineError::Unavailable(side, format!("{}: {}", s.code(), s.message()))
 }
 
+/// The session's next reply, or UNAVAILABLE when none comes within
+/// `timeout` (naming the `flag` that sets it).
+async fn next_within<T>(
+    rx: &mut Streaming<T>,
+    timeout: Duration,
+    what: &str,
+    flag: &str,
+) -> Result<Option<T>, Status> {
+    tokio::time::timeout(timeout, rx.message())
+        .await
+        .map_err(|_| {
+            Status::unavailable(format!(
+                "no {what} within {} ms ({flag})",
+                timeout.as_millis()
+            ))
+        })?
+}
+
 /// A target session.
 pub struct RemoteTarget {
     handle: Handle,
@@ -92,14 +110,7 @@ impl TargetSide for RemoteTarget {
             tx.send(req)
                 .await
                 .map_err(|_| Status::unavailable("target session closed"))?;
-            tokio::time::timeout(timeout, rx.message())
-                .await
-                .map_err(|_| {
-                    Status::unavailable(format!(
-                        "no verdict within {} ms (--target-timeout-ms)",
-                        timeout.as_millis()
-                    ))
-                })?
+            next_within(rx, timeout, "verdict", "--target-timeout-ms").await
         });
         match reply {
             Ok(Some(pb::TargetReply {
@@ -194,16 +205,9 @@ impl DraftSide for RemoteDraft {
 
     fn collect(&mut self) -> Result<DraftTree, EngineError> {
         let (rx, timeout) = (&mut self.rx, self.timeout);
-        let reply = self.handle.block_on(async move {
-            tokio::time::timeout(timeout, rx.message())
-                .await
-                .map_err(|_| {
-                    Status::unavailable(format!(
-                        "no draft within {} ms (--draft-timeout-ms)",
-                        timeout.as_millis()
-                    ))
-                })?
-        });
+        let reply = self
+            .handle
+            .block_on(next_within(rx, timeout, "draft", "--draft-timeout-ms"));
         match reply {
             Ok(Some(pb::DraftReply {
                 kind: Some(draft_reply::Kind::Tree(t)),

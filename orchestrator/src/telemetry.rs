@@ -4,20 +4,16 @@
 
 use std::time::Instant;
 
-use duo_core::engine::Generation;
-use duo_rpc::pb;
+use duo_core::engine::{Generation, Mode};
 use tonic::Status;
 
 /// Position labels for per-position acceptance ("1".."8", then "9+").
 const POSITIONS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9+"];
 
-/// One finished request, by mode and outcome (a gRPC code name).
-pub fn record_request(mode: i32, res: &Result<(Generation, String), Status>) {
-    let mode = pb::Mode::try_from(mode).map_or("unknown", |m| match m {
-        pb::Mode::Autoregressive => "autoregressive",
-        pb::Mode::Speculative => "speculative",
-        _ => "duodecoding",
-    });
+/// One finished request, by mode ("unknown" for an invalid one) and
+/// outcome (a gRPC code name).
+pub fn record_request(mode: Option<Mode>, res: &Result<(Generation, String), Status>) {
+    let mode = mode.map_or_else(|| "unknown".to_string(), |m| m.to_string());
     let outcome = match res {
         Ok(_) => "ok".to_string(),
         Err(s) => format!("{:?}", s.code()),

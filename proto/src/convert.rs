@@ -123,11 +123,7 @@ pub fn finish_from_pb(f: i32) -> FinishReason {
 /// Inverse of [`stats_to_pb`] (the draft worker's name is not part of `Stats`).
 pub fn stats_from_pb(s: &pb::Stats) -> Stats {
     Stats {
-        mode: match pb::Mode::try_from(s.mode) {
-            Ok(pb::Mode::Speculative) => Mode::Speculative,
-            Ok(pb::Mode::Autoregressive) => Mode::Autoregressive,
-            _ => Mode::Duodecoding,
-        },
+        mode: mode_from_pb(s.mode).unwrap_or_default(),
         prompt_tokens: s.prompt_tokens as usize,
         new_tokens: s.new_tokens as usize,
         rounds: s.rounds as usize,
@@ -147,6 +143,8 @@ pub fn stats_from_pb(s: &pb::Stats) -> Stats {
             .iter()
             .map(|(k, n)| (*k as usize, *n as usize))
             .collect(),
+        draft_failures: s.draft_failures as usize,
+        draftless_rounds: s.draftless_rounds as usize,
         ..Stats::default()
     }
 }

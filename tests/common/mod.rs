@@ -85,10 +85,6 @@ async fn listener() -> (TcpListener, SocketAddr) {
     (l, a)
 }
 
-fn stopper(rx: &watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
-    duo_rpc::serve::stopped(rx)
-}
-
 /// Parses a service's flags as its binary would (defaults included).
 fn parse<A: clap::Parser>(name: &str, flags: &[String]) -> A {
     A::try_parse_from(std::iter::once(name.to_string()).chain(flags.iter().cloned()))
@@ -124,7 +120,7 @@ pub async fn spawn_draft(
     tokio::spawn(draft_service::serve(
         parse("draft-service", &flags),
         dl,
-        stopper(stop),
+        duo_rpc::serve::stopped(stop),
     ));
     d
 }
@@ -193,7 +189,7 @@ pub async fn start_with(setup: Setup) -> Deployment {
             tokio::spawn(target_service::serve(
                 parse("target-service", &t),
                 tl,
-                stopper(&rx),
+                duo_rpc::serve::stopped(&rx),
             ));
             target
         }
@@ -227,7 +223,7 @@ pub async fn start_with(setup: Setup) -> Deployment {
         parse("orchestrator", &o),
         ol,
         Some(hl),
-        stopper(&rx),
+        duo_rpc::serve::stopped(&rx),
         resolver,
     ));
     let dep = Deployment {

@@ -409,7 +409,7 @@ pub fn run(
                     .gamma
                     .unwrap_or_else(|| {
                         budget
-                            .choose_gamma(round.target_feed().len())
+                            .choose_gamma(round.target_feed_len())
                             .saturating_sub(1)
                             .max(1)
                     })

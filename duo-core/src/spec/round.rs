@@ -143,6 +143,11 @@ impl Round {
         feed
     }
 
+    /// `target_feed().len()`, without building the feed.
+    pub fn target_feed_len(&self) -> usize {
+        self.committed.len() - self.target_len + self.tail.len()
+    }
+
     /// How many tokens the target's cache must keep after `resolve`
     /// (everything committed but the last token, which it feeds next round).
     pub fn target_keep(&self) -> usize {
@@ -416,6 +421,7 @@ mod tests {
         r.set_tail(vec![4, 5, 6]).unwrap();
         assert!(r.set_tail(vec![1]).is_err());
         assert_eq!(r.target_feed(), vec![3, 4, 5, 6]);
+        assert_eq!(r.target_feed_len(), 4);
         let out = r
             .resolve(&greedy(&[4, 5, 6, 7]), &[], &mut rng_from_seed(0))
             .unwrap();
