@@ -73,12 +73,14 @@ async fn generations_spread_across_two_and_three_workers() {
     }
 }
 
-/// Starts `streams` duodecoding streams and reads one chunk from each.
+/// Holds generations and starts `streams` duodecoding streams, reading one
+/// chunk from each: all stay in flight until `dep.release()`.
 async fn start_streams(
-    dep: &common::Deployment,
+    dep: &mut common::Deployment,
     streams: usize,
     n: u32,
 ) -> Vec<(usize, tonic::Streaming<pb::GenerateChunk>, Vec<u32>)> {
+    dep.hold();
     let mut out = Vec::new();
     for i in 0..streams {
         let p = i % PROMPTS.len();
@@ -111,7 +113,7 @@ async fn killed_workers_fail_over_run_target_only_and_rejoin() {
     let (a_addr, b_addr) = (common::free_port(), common::free_port());
     let mut a = common::draft_process(a_addr);
     let mut b = common::draft_process(b_addr);
-    let dep = common::start_with(Setup {
+    let mut dep = common::start_with(Setup {
         orchestrator_flags: vec![
             format!("--draft=http://{a_addr}"),
             format!("--draft=http://{b_addr}"),
@@ -128,8 +130,9 @@ async fn killed_workers_fail_over_run_target_only_and_rejoin() {
     let refs = reference(&dep, n).await;
 
     // 1. Kill worker A while 4 streams are running (2 of them on A).
-    let streams = start_streams(&dep, 4, n).await;
+    let streams = start_streams(&mut dep, 4, n).await;
     a.kill();
+    dep.release();
     let done = finish(streams, &refs).await;
     let failures: u32 = done.iter().map(|g| g.stats.draft_failures).sum();
     assert!(failures >= 1, "no generation noticed the dead worker");
@@ -143,8 +146,9 @@ async fn killed_workers_fail_over_run_target_only_and_rejoin() {
 
     // 2. Kill B too: generations still complete, target-only, and health
     //    and metrics say the drafts are down.
-    let streams = start_streams(&dep, 2, n).await;
+    let streams = start_streams(&mut dep, 2, n).await;
     b.kill();
+    dep.release();
     let done = finish(streams, &refs).await;
     assert!(
         done.iter()

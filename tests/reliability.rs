@@ -41,7 +41,7 @@ async fn generation_health(dep: &common::Deployment) -> i32 {
 async fn target_restart_fails_in_flight_requests_then_serves_again() {
     let target_addr = common::free_port();
     let mut target = common::target_process(target_addr);
-    let dep = common::start_with(Setup {
+    let mut dep = common::start_with(Setup {
         external_target: Some(target_addr),
         orchestrator_flags: vec!["--health-interval-ms=200".into()],
         ..Setup::drafts(1)
@@ -54,13 +54,15 @@ async fn target_restart_fails_in_flight_requests_then_serves_again() {
         .unwrap()
         .into_inner()
         .token_ids;
-    // Load: 8 long streams, each past its first chunk.
+    // Load: 8 long streams, each held past its first chunk.
+    dep.hold();
     let mut streams = Vec::new();
     for p in PROMPTS {
         let (s, _) = common::held_stream(&dep, greedy(p, Mode::Duodecoding, 400)).await;
         streams.push(s);
     }
     target.kill();
+    dep.release();
     // Every in-flight request fails with UNAVAILABLE, promptly (no hang).
     for mut s in streams {
         let end = tokio::time::timeout(Duration::from_secs(30), async {
@@ -268,7 +270,7 @@ async fn idle_sessions_expire_on_both_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn session_limits_queues_and_backpressure() {
     // A worker with room for one session and a queue of one.
-    let dep = common::start_with(Setup {
+    let mut dep = common::start_with(Setup {
         draft_flags: vec![
             "--max-sessions=1".into(),
             "--session-queue=1".into(),
@@ -305,6 +307,7 @@ async fn session_limits_queues_and_backpressure() {
     })
     .await;
     let mut client = dep.client().await;
+    dep.hold();
     let (first, _) = common::held_stream(&dep, greedy(PROMPTS[0], Mode::Duodecoding, 300)).await;
     let mut c2 = dep.client().await;
     let second =
@@ -320,6 +323,7 @@ async fn session_limits_queues_and_backpressure() {
         .unwrap_err();
     assert_eq!(third.code(), tonic::Code::ResourceExhausted, "{third:?}");
     assert!(third.message().contains("add draft workers"), "{third:?}");
+    dep.release();
     drain(first, Vec::new()).await.unwrap();
     let second = second.await.unwrap().unwrap().into_inner();
     assert!(second.stats.unwrap().drafted > 0);
@@ -327,7 +331,7 @@ async fn session_limits_queues_and_backpressure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn generations_beyond_the_limit_queue_then_are_refused() {
-    let dep = common::start_with(Setup {
+    let mut dep = common::start_with(Setup {
         orchestrator_flags: vec![
             "--max-generations=1".into(),
             "--generation-queue=1".into(),
@@ -337,6 +341,7 @@ async fn generations_beyond_the_limit_queue_then_are_refused() {
     })
     .await;
     let mut client = dep.client().await;
+    dep.hold();
     let (first, _) = common::held_stream(&dep, greedy(PROMPTS[0], Mode::Duodecoding, 300)).await;
     let t0 = Instant::now();
     let refused = client
@@ -356,6 +361,7 @@ async fn generations_beyond_the_limit_queue_then_are_refused() {
     );
     assert!(t0.elapsed() >= Duration::from_millis(250), "did not queue");
     // Once the first ends, the next one is served.
+    dep.release();
     drain(first, Vec::new()).await.unwrap();
     client
         .generate(greedy(PROMPTS[1], Mode::Duodecoding, 8))

@@ -4,6 +4,7 @@
 //! in-process engine runs), streaming verified text to the client.
 
 mod failover;
+mod hold;
 pub mod openai;
 pub mod pool;
 mod remote;
@@ -25,6 +26,7 @@ use duo_rpc::pb::target_client::TargetClient;
 use duo_rpc::pb::{self, generate_request};
 use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection};
 use failover::PooledDraft;
+pub use hold::HoldGate;
 use pool::{DraftPool, PoolConfig, Resolver, SystemResolver};
 use remote::RemoteTarget;
 use tokio::sync::mpsc;
@@ -112,6 +114,7 @@ struct State {
     budget: Mutex<BudgetController>,
     limiter: SessionLimiter,
     chat_template: openai::ChatTemplate,
+    hold: Arc<HoldGate>,
 }
 
 #[derive(Clone)]
@@ -123,6 +126,16 @@ pub(crate) enum Output {
     Stream(mpsc::Sender<Result<pb::GenerateChunk, Status>>),
     /// A unary call: the receiver lives as long as the call.
     Unary(mpsc::Sender<()>),
+}
+
+impl Output {
+    /// Whether the client is gone.
+    fn is_closed(&self) -> bool {
+        match self {
+            Output::Stream(tx) => tx.is_closed(),
+            Output::Unary(alive) => alive.is_closed(),
+        }
+    }
 }
 
 fn engine_status(e: EngineError) -> Status {
@@ -319,10 +332,12 @@ impl Orchestrator {
             let mut target = target;
             let mut budget = budget;
             let mut draft = draft;
+            let st = &this.0;
             let mut last_emit: Option<Instant> = None;
+            let mut first = true;
             let mut sink = |text: &str, ids: &[u32], logprobs: &[f32]| {
                 telemetry::record_emission(&mut last_emit, started, ids.len());
-                match &out {
+                let alive = match &out {
                     Output::Stream(tx) => tx
                         .blocking_send(Ok(pb::GenerateChunk {
                             text: text.to_string(),
@@ -332,9 +347,12 @@ impl Orchestrator {
                         }))
                         .is_ok(),
                     Output::Unary(alive) => !alive.is_closed(),
+                };
+                if alive && std::mem::take(&mut first) {
+                    st.hold.pass(|| !out.is_closed());
                 }
+                alive
             };
-            let st = &this.0;
             let res = session::run(
                 &mut target,
                 draft.as_mut().map(|d| d as &mut dyn DraftSide),
@@ -512,16 +530,33 @@ pub async fn serve(
     http: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    serve_with_resolver(args, listener, http, shutdown, Arc::new(SystemResolver)).await
+    serve_with(args, listener, http, shutdown, Seams::default()).await
 }
 
-/// [`serve`], resolving `--draft-dns` names with `resolver`.
-pub async fn serve_with_resolver(
+/// What an embedding program (the end-to-end tests) may swap in.
+pub struct Seams {
+    /// Resolves `--draft-dns` names.
+    pub resolver: Arc<dyn Resolver>,
+    /// Holds generations after their first chunk while closed.
+    pub hold: Arc<HoldGate>,
+}
+
+impl Default for Seams {
+    fn default() -> Self {
+        Self {
+            resolver: Arc::new(SystemResolver),
+            hold: Arc::default(),
+        }
+    }
+}
+
+/// [`serve`] with `seams`.
+pub async fn serve_with(
     args: Args,
     listener: tokio::net::TcpListener,
     http: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    resolver: Arc<dyn Resolver>,
+    seams: Seams,
 ) -> Result<(), String> {
     let stop_rx = duo_rpc::serve::start_common(&args.common, shutdown).await?;
     let stopped = duo_rpc::serve::stopped;
@@ -539,7 +574,7 @@ pub async fn serve_with_resolver(
             queue_timeout: ms(args.draft_queue_timeout_ms),
             fingerprint: fingerprint.clone(),
         },
-        resolver,
+        seams.resolver,
     )?;
     pool.discover().await;
     pool.spawn_tasks(stop_rx.clone());
@@ -561,6 +596,7 @@ pub async fn serve_with_resolver(
         chat_template: openai::ChatTemplate {
             assistant_name: args.chat_assistant_name.clone(),
         },
+        hold: seams.hold,
     });
     let svc = Orchestrator(state);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

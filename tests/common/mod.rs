@@ -25,43 +25,48 @@ pub struct Deployment {
     stop: watch::Sender<bool>,
     /// Turns true when the deployment stops (for services added later).
     pub stop_rx: watch::Receiver<bool>,
+    gate: Arc<orchestrator::HoldGate>,
+    held: bool,
 }
 
 impl Deployment {
     pub async fn client(&self) -> GenerationClient<Channel> {
         GenerationClient::new(channel(self.orchestrator).await)
     }
+
+    /// From now on every generation pauses after its first chunk (see
+    /// [`orchestrator::HoldGate`]) until [`Deployment::release`]: what a
+    /// test needs to keep generations in flight, deterministically.
+    pub fn hold(&mut self) {
+        self.gate.close();
+        self.held = true;
+    }
+
+    /// Held generations go on; new ones are no longer held.
+    pub fn release(&mut self) {
+        self.gate.open();
+        self.held = false;
+    }
 }
 
 impl Drop for Deployment {
     fn drop(&mut self) {
+        self.gate.open();
         let _ = self.stop.send(true);
     }
 }
 
-/// A client whose streams stall once a few chunks are unread: HTTP/2 flow
-/// control (a 1 KiB window, on its own connection) stops the server from
-/// sending more, so a generation stays in flight until the test reads it.
-/// (With the default windows the client buffers a whole generation.)
-pub async fn held_client(addr: SocketAddr) -> GenerationClient<Channel> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .initial_stream_window_size(1024)
-        .initial_connection_window_size(1024)
-        .connect()
-        .await
-        .unwrap();
-    GenerationClient::new(ch)
-}
-
-/// Starts `req` as a stream on a [`held_client`] and reads its first chunk:
-/// the generation is then in flight until the stream is read further.
-/// Returns the stream and the first chunk's token ids.
+/// Starts `req` as a stream and reads its first chunk. With generations
+/// held ([`Deployment::hold`]) the generation then stays in flight — its
+/// slot and both sessions taken — until the hold is released or the stream
+/// dropped. Returns the stream and the first chunk's token ids.
 pub async fn held_stream(
     dep: &Deployment,
     req: duo_rpc::pb::GenerateRequest,
 ) -> (tonic::Streaming<duo_rpc::pb::GenerateChunk>, Vec<u32>) {
-    let mut s = held_client(dep.orchestrator)
+    assert!(dep.held, "held_stream needs Deployment::hold first");
+    let mut s = dep
+        .client()
         .await
         .generate_stream(req)
         .await
@@ -216,15 +221,17 @@ pub async fn start_with(setup: Setup) -> Deployment {
         }
     }
     o.extend(setup.orchestrator_flags.iter().cloned());
-    let resolver = setup
-        .resolver
-        .unwrap_or_else(|| Arc::new(orchestrator::pool::SystemResolver));
-    tokio::spawn(orchestrator::serve_with_resolver(
+    let mut seams = orchestrator::Seams::default();
+    if let Some(r) = setup.resolver {
+        seams.resolver = r;
+    }
+    let gate = seams.hold.clone();
+    tokio::spawn(orchestrator::serve_with(
         parse("orchestrator", &o),
         ol,
         Some(hl),
         duo_rpc::serve::stopped(&rx),
-        resolver,
+        seams,
     ));
     let dep = Deployment {
         orchestrator,
@@ -233,6 +240,8 @@ pub async fn start_with(setup: Setup) -> Deployment {
         drafts,
         stop,
         stop_rx: rx,
+        gate,
+        held: false,
     };
     let client = dep.client().await;
     wait_until(60, "the orchestrator answers Info", || {
