@@ -1,4 +1,6 @@
-//! Makes sure the ONNX Runtime shared library exists before anything runs:
+//! Generates the ONNX protobuf types (`proto/onnx.proto`, used to build the
+//! gpu-like stand-in models), and makes sure the ONNX Runtime shared library
+//! exists before anything runs:
 //! when `ORT_DYLIB_PATH` (set by `.cargo/config.toml`) points at a missing
 //! file under the repository's `.ort/`, run `scripts/fetch-onnxruntime.sh`.
 //! A failure is reported as a warning, not a build error: the library may
@@ -7,6 +9,21 @@ use std::path::Path;
 use std::process::Command;
 
 fn main() {
+    onnx_protos();
+    fetch_onnxruntime();
+}
+
+fn onnx_protos() {
+    println!("cargo:rerun-if-changed=proto/onnx.proto");
+    if std::env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path().expect("vendored protoc");
+        // SAFETY: build scripts are single-threaded.
+        unsafe { std::env::set_var("PROTOC", protoc) };
+    }
+    prost_build::compile_protos(&["proto/onnx.proto"], &["proto"]).expect("compiling onnx.proto");
+}
+
+fn fetch_onnxruntime() {
     println!("cargo:rerun-if-env-changed=ORT_DYLIB_PATH");
     let Ok(lib) = std::env::var("ORT_DYLIB_PATH") else {
         return;

@@ -210,8 +210,58 @@ fn params(args: &BenchArgs, mode: Mode) -> GenerateParams {
     }
 }
 
+/// Median forward costs at a 128-token past, one intra-op thread each:
+/// what sets the speculative ceiling of a regime (see docs/benchmark.md).
+pub(crate) fn cost_structure(
+    cfg: &duo_core::engine::EngineConfig,
+) -> anyhow::Result<serde_json::Value> {
+    use duo_core::runtime::{CausalLm, ModelOptions};
+    let opts = ModelOptions {
+        intra_threads: 1,
+        ort_lib: cfg.ort_lib.clone(),
+        ..ModelOptions::default()
+    };
+    let median_ms = |lm: &mut CausalLm, tokens: usize| -> anyhow::Result<f64> {
+        let mut seq = lm.sequence()?;
+        lm.extend(&mut seq, &[1; 128])?;
+        let mut times = Vec::new();
+        for rep in 0..25 {
+            let start = std::time::Instant::now();
+            lm.extend(&mut seq, &vec![2; tokens])?;
+            if rep >= 5 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            seq.truncate(128)?;
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let mut target = CausalLm::load(&cfg.target, &opts)?;
+    let t1 = median_ms(&mut target, 1)?;
+    let t8 = median_ms(&mut target, 8)?;
+    let t16 = median_ms(&mut target, 16)?;
+    drop(target);
+    let mut draft = CausalLm::load(&cfg.draft, &opts)?;
+    let d1 = median_ms(&mut draft, 1)?;
+    let d8 = median_ms(&mut draft, 8)?;
+    Ok(json!({
+        "target_step_ms": t1,
+        "verify8_over_1": t8 / t1,
+        "verify16_over_1": t16 / t1,
+        "draft_step_ms": d1,
+        "draft8_over_1": d8 / d1,
+        "target_over_draft_step": t1 / d1,
+    }))
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let cfg = args.models.config();
+    let cfg = args.models.config()?;
+    let regime = args.models.regime;
+    let costs = cost_structure(&cfg)?;
+    eprintln!("regime {regime:?}: cost structure {costs}");
+    // A GPU target can't borrow the CPU's cores: in the gpu-like regime the
+    // target's core stands for the GPU, and AR runs on it alone.
+    let no_ar2 = args.no_ar2 || regime == crate::Regime::GpuLike;
     // The 2-thread reference runs first, before any thread is pinned to a core.
     let mut ar2 = ModeTotals::default();
     let mut engine = Engine::load(&cfg).context("loading the models")?;
@@ -224,7 +274,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         engine.limits().context_len,
         args.max_new_tokens
     );
-    if !args.no_ar2 {
+    if !no_ar2 {
         let mut cfg2 = cfg.clone();
         cfg2.target_threads = 2;
         cfg2.pin_cores = false;
@@ -308,6 +358,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let duo_over_ar = duo.tokens_per_s() / ar.tokens_per_s();
     let report = json!({
         "machine": machine(),
+        "regime": regime,
+        "baseline": baseline_note(regime),
+        "cost_structure": costs,
         "prompts": prompts.len(),
         "prompts_cut_to_fit": cut,
         "context_len": engine.limits().context_len,
@@ -319,7 +372,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "autoregressive": ar.summary(),
             "speculative": sps.summary(),
             "duodecoding": duo.summary(),
-            "ar_2threads": if args.no_ar2 { serde_json::Value::Null } else { ar2.summary() },
+            "ar_2threads": if no_ar2 { serde_json::Value::Null } else { ar2.summary() },
         },
         "per_category": per_category.iter().map(|(c, t)| (c.clone(), json!({
             "ar_tokens_per_s": t[0].tokens_per_s(),
@@ -350,10 +403,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "ar_tokens_per_s": ar.tokens_per_s(),
         "sps_tokens_per_s": sps.tokens_per_s(),
         "duo_tokens_per_s": duo.tokens_per_s(),
-        "ar_2threads_tokens_per_s": if args.no_ar2 { serde_json::Value::Null } else { json!(ar2.tokens_per_s()) },
+        "ar_2threads_tokens_per_s": if no_ar2 { serde_json::Value::Null } else { json!(ar2.tokens_per_s()) },
         "duo_target_idle_fraction": duo.target_idle_ms / duo.total_ms.max(1e-9),
         "duo_draft_idle_fraction": duo.draft_idle_ms / duo.total_ms.max(1e-9),
         "prompts": prompts.len(),
+        "regime": regime,
+        "target_step_ms": costs["target_step_ms"],
+        "draft_step_ms": costs["draft_step_ms"],
+        "verify8_over_1": costs["verify8_over_1"],
     });
     let mut headline = headline;
     if let Some((t, identical)) = &grpc {
@@ -373,13 +430,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             path,
             svg(
                 &[("AR", ar), ("SpS", sps), ("Duo", duo)],
-                if args.no_ar2 { None } else { Some(&ar2) },
+                if no_ar2 { None } else { Some(&ar2) },
             ),
         )
         .with_context(|| format!("writing {}", path.display()))?;
     }
     println!("{}", serde_json::to_string(&headline)?);
     Ok(())
+}
+
+/// What the autoregressive baseline stands for in `regime`.
+fn baseline_note(regime: crate::Regime) -> &'static str {
+    match regime {
+        crate::Regime::Small => {
+            "small: target and draft on one CPU core each; autoregressive runs the target on one core, ar_2threads on both (the fastest plain baseline on this pair)"
+        }
+        crate::Regime::GpuLike => {
+            "gpu-like: the target's core stands for the GPU and the other core for the CPU; autoregressive runs the target on its core alone (a GPU target can't borrow the CPU's cores), so there is no 2-thread row"
+        }
+    }
 }
 
 pub(crate) fn machine() -> serde_json::Value {

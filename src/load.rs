@@ -196,7 +196,7 @@ pub fn run(a: LoadArgs) -> anyhow::Result<()> {
     if a.clients.contains(&0) || a.requests == 0 {
         bail!("--clients and --requests must be at least 1");
     }
-    let cfg = a.models.config();
+    let cfg = a.models.config()?;
     let tok = Tokenizer::from_file(&cfg.tokenizer)
         .with_context(|| format!("loading {}", cfg.tokenizer.display()))?;
     // The bundled target's context is 512 tokens.

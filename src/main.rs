@@ -90,6 +90,26 @@ pub struct ModelArgs {
     /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the build's .ort/).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
+    /// Cost regime: `small` runs the models as they are; `gpu-like` runs
+    /// their stand-ins, which decode bit for bit like them but cost like a
+    /// 7B target on a GPU beside a CPU draft (built on first use; see
+    /// docs/benchmark.md).
+    #[arg(long, env = "DUO_REGIME", default_value = "small")]
+    pub regime: Regime,
+    /// Where the gpu-like stand-ins are kept (default: MODELS/gpu-like,
+    /// git-ignored).
+    #[arg(long, env = "DUO_REGIME_CACHE")]
+    pub regime_cache: Option<PathBuf>,
+}
+
+/// What the models' costs look like; see [`ModelArgs::regime`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Regime {
+    /// The models as they are: a 3M target and a 0.5M draft, both on CPU.
+    Small,
+    /// Exact stand-ins with a GPU target's cost structure (duo_core::gpu_like).
+    GpuLike,
 }
 
 const fn default_models() -> &'static str {
@@ -97,13 +117,28 @@ const fn default_models() -> &'static str {
 }
 
 impl ModelArgs {
-    pub fn config(&self) -> EngineConfig {
+    /// The engine configuration; in the gpu-like regime the target and
+    /// draft are the stand-ins, built into the cache when missing.
+    pub fn config(&self) -> anyhow::Result<EngineConfig> {
         let mut cfg = EngineConfig::bundled(&self.models);
         if let Some(t) = &self.target {
             cfg.target = t.clone();
         }
         if let Some(d) = &self.draft {
             cfg.draft = d.clone();
+        }
+        if self.regime == Regime::GpuLike {
+            let cache = self
+                .regime_cache
+                .clone()
+                .unwrap_or_else(|| self.models.join("gpu-like"));
+            let pair = duo_core::gpu_like::gpu_like_pair(&cfg.target, &cfg.draft, &cache)
+                .context("making the gpu-like stand-ins")?;
+            if pair.built {
+                eprintln!("built the gpu-like stand-ins in {}", cache.display());
+            }
+            cfg.target = pair.target;
+            cfg.draft = pair.draft;
         }
         if let Some(t) = &self.tokenizer {
             cfg.tokenizer = t.clone();
@@ -114,7 +149,7 @@ impl ModelArgs {
         cfg.pin_cores = !self.no_pin;
         cfg.ort_lib = self.ort_lib.clone();
         cfg.budget = BudgetConfig::default();
-        cfg
+        Ok(cfg)
     }
 }
 
@@ -220,7 +255,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             remote.generate(client::Prompt::Text(a.prompt.clone()), &params, show)?
         }
         None => {
-            let mut engine = Engine::load(&a.models.config()).context("loading the models")?;
+            let mut engine = Engine::load(&a.models.config()?).context("loading the models")?;
             let prompt = engine.tokenizer().encode(&a.prompt)?;
             engine.generate(prompt, &params, &mut |text, _, _| {
                 show(text);
@@ -263,7 +298,7 @@ pub fn stats_line(g: &duo_core::engine::Generation) -> String {
 /// fixture prompt, then one token per forward.
 fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
     use duo_core::runtime::{CausalLm, ModelOptions};
-    let cfg = a.models.config();
+    let cfg = a.models.config()?;
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(a.models.models.join("fixtures/target.json"))
             .context("reading the fixture prompt")?,

@@ -97,7 +97,7 @@ pub fn start(
     http_port: Option<u16>,
     log: bool,
 ) -> anyhow::Result<Deployment> {
-    let cfg = m.config();
+    let cfg = m.config()?;
     let path = |p: &Path| p.display().to_string();
     let mut children = Vec::new();
     let target_addr = format!("127.0.0.1:{}", port + 1);

@@ -7,10 +7,12 @@
 //! - [`spec`]: the speculative algorithm as pure logic with no I/O:
 //!   verification, the DuoDecoding round state machine, the drafting policy,
 //!   the budget controller and termination.
+//! - [`gpu_like`]: the gpu-like stand-in pair (exact logits, GPU-shaped costs).
 //! - [`engine`]: the in-process engine that drives [`spec`] over [`runtime`]
 //!   in three modes (autoregressive, speculative, duodecoding).
 
 pub mod engine;
+pub mod gpu_like;
 pub mod runtime;
 pub mod sampling;
 pub mod spec;
