@@ -280,3 +280,87 @@ async fn dns_discovery_picks_up_an_added_worker() {
     .await;
     drop(stop);
 }
+
+/// A draft pod going away as Kubernetes removes it: its DNS entry goes and
+/// it gets SIGTERM (here: its stop signal) while it serves a generation.
+/// Its health turns NOT_SERVING at once while it keeps serving for the
+/// drain delay; the generation in flight completes unchanged, and new
+/// generations go to the other worker. No request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_terminated_worker_reports_not_serving_drains_and_no_request_fails() {
+    let addrs = Arc::new(Mutex::new(Vec::new()));
+    let (stop_a, stop_a_rx) = tokio::sync::watch::channel(false);
+    let (stop_b, stop_b_rx) = tokio::sync::watch::channel(false);
+    let tok = common::models().join("tokenizer.json");
+    let delay = ["--drain-delay-ms=3000".to_string()];
+    let a = common::spawn_draft(&tok, &delay, &stop_a_rx).await;
+    let b = common::spawn_draft(&tok, &delay, &stop_b_rx).await;
+    addrs.lock().unwrap().extend([a, b]);
+    let mut dep = common::start_with(Setup {
+        orchestrator_flags: vec![
+            "--draft-dns=drafts.test:50053".into(),
+            "--discovery-interval-ms=100".into(),
+            "--health-interval-ms=100".into(),
+        ],
+        resolver: Some(Arc::new(Fixed(addrs.clone()))),
+        ..Setup::drafts(0)
+    })
+    .await;
+    wait_until(30, "both workers discovered and healthy", || async {
+        healthy(&pool(&dep).await) == 2
+    })
+    .await;
+    let refs = reference(&dep, 120).await;
+    // Two held generations: one on each worker.
+    dep.hold();
+    let mut streams = Vec::new();
+    for (p, prompt) in PROMPTS.iter().enumerate().take(2) {
+        let (s, first) = common::held_stream(&dep, greedy(prompt, Mode::Duodecoding, 120)).await;
+        streams.push((p, s, first));
+    }
+    let pool_now = pool(&dep).await;
+    assert_eq!(placed(&pool_now, b), 1, "{pool_now:?}");
+    // B is terminated: out of DNS, then SIGTERM.
+    addrs.lock().unwrap().retain(|x| *x != b);
+    stop_b.send(true).unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(common::channel(b).await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "duo.v1.Draft".into(),
+        })
+        .await
+        .expect("B still accepts during its drain delay")
+        .into_inner()
+        .status;
+    assert_eq!(status, 2, "B should say NOT_SERVING while it drains");
+    wait_until(10, "B gone from the pool", || async {
+        !pool(&dep)
+            .await
+            .iter()
+            .any(|w| w.address == format!("http://{b}"))
+    })
+    .await;
+    dep.release();
+    for (p, s, first) in streams {
+        let g = drain(s, first).await.expect("no generation may fail");
+        // Finished where it started: B drained its session, no failover.
+        assert_eq!(g.stats.draft_failures, 0, "{:?}", g.stats);
+        assert!(!g.stats.draft_worker.contains(','), "{:?}", g.stats);
+        common::check_greedy(
+            &format!("prompt {p} across B's drain"),
+            &common::encode(PROMPTS[p]),
+            &g.tokens,
+            &refs[p],
+        );
+    }
+    let mut client = dep.client().await;
+    for p in PROMPTS {
+        let g = client
+            .generate(greedy(p, Mode::Duodecoding, 16))
+            .await
+            .expect("no generation may fail")
+            .into_inner();
+        assert!(g.stats.unwrap().draft_worker.contains(&a.to_string()));
+    }
+    drop(stop_a);
+}

@@ -219,7 +219,8 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let stop_rx = duo_rpc::serve::start_common(&args.common, shutdown).await?;
+    let life = duo_rpc::serve::start_common(&args.common, shutdown).await?;
+    let stop_rx = life.stop.clone();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_not_serving::<DraftServer<DraftService>>()
@@ -271,9 +272,12 @@ pub async fn serve(
             loaded.map_err(|e| format!("loading task: {e}"))??;
         }
     }
-    health_reporter
-        .set_serving::<DraftServer<DraftService>>()
-        .await;
+    duo_rpc::serve::serve_until_draining(
+        health_reporter.clone(),
+        <DraftServer<DraftService> as tonic::server::NamedService>::NAME,
+        &life.draining,
+    )
+    .await;
     tracing::info!("draft-service serving");
     server.await.map_err(|e| format!("server: {e}"))?;
     health_reporter

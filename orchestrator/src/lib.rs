@@ -558,7 +558,8 @@ pub async fn serve_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     seams: Seams,
 ) -> Result<(), String> {
-    let stop_rx = duo_rpc::serve::start_common(&args.common, shutdown).await?;
+    let life = duo_rpc::serve::start_common(&args.common, shutdown).await?;
+    let stop_rx = life.stop.clone();
     let stopped = duo_rpc::serve::stopped;
     let tokenizer = Tokenizer::from_file(&args.tokenizer).map_err(|e| e.to_string())?;
     let fingerprint = tokenizer.fingerprint();
@@ -608,7 +609,7 @@ pub async fn serve_with(
         svc.clone(),
         health_reporter.clone(),
         ms(args.health_interval_ms.max(50)),
-        stop_rx.clone(),
+        life.draining.clone(),
     ));
     if let Some(http) = http {
         tracing::info!(listen = ?http.local_addr().ok(), "OpenAI-compatible HTTP API listening (and /metrics)");
@@ -644,16 +645,17 @@ pub async fn serve_with(
 /// tokenizer, NOT_SERVING while it is down — probed every `interval`, with
 /// backoff up to 2 s while down (the channel reconnects by itself);
 /// `duo.v1.Draft` is SERVING while at least one draft worker is healthy
-/// (without one, generations still run, target-only).
+/// (without one, generations still run, target-only). Once `draining`
+/// turns true everything is NOT_SERVING for good.
 async fn watch_health(
     svc: Orchestrator,
     reporter: tonic_health::server::HealthReporter,
     interval: Duration,
-    stop: tokio::sync::watch::Receiver<bool>,
+    draining: tokio::sync::watch::Receiver<bool>,
 ) {
     use tonic_health::ServingStatus;
-    let stopped = duo_rpc::serve::stopped(&stop);
-    tokio::pin!(stopped);
+    let drained = duo_rpc::serve::stopped(&draining);
+    tokio::pin!(drained);
     let mut up: Option<bool> = None;
     let mut drafts_up: Option<bool> = None;
     let mut delay = Duration::from_millis(100);
@@ -662,9 +664,12 @@ async fn watch_health(
             let info = svc.describe_target().await?;
             Ok::<_, Status>(svc.remember_limits(&info))
         };
-        let res = tokio::time::timeout(Duration::from_secs(5), probe)
-            .await
-            .unwrap_or_else(|_| Err(Status::unavailable("health probe timed out")));
+        let res = tokio::select! {
+            res = tokio::time::timeout(Duration::from_secs(5), probe) => {
+                res.unwrap_or_else(|_| Err(Status::unavailable("health probe timed out")))
+            }
+            _ = &mut drained => return not_serving(&reporter).await,
+        };
         let now_up = res.is_ok();
         if up != Some(now_up) {
             let status = if now_up {
@@ -715,8 +720,18 @@ async fn watch_health(
             d
         };
         tokio::select! {
-            _ = &mut stopped => return,
+            _ = &mut drained => return not_serving(&reporter).await,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// Every service of the orchestrator NOT_SERVING (draining).
+async fn not_serving(reporter: &tonic_health::server::HealthReporter) {
+    let name = <GenerationServer<Orchestrator> as tonic::server::NamedService>::NAME;
+    for service in [name, "", "duo.v1.Draft"] {
+        reporter
+            .set_service_status(service, tonic_health::ServingStatus::NotServing)
+            .await;
     }
 }

@@ -25,6 +25,12 @@ pub struct CommonArgs {
     /// before they are decoded.
     #[arg(long, env = "DUO_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
+    /// On SIGTERM, report NOT_SERVING at once and keep serving this long
+    /// before draining (so Kubernetes endpoints, load balancers and the
+    /// orchestrator's probes stop sending new work first); then in-flight
+    /// work finishes and the process exits.
+    #[arg(long, env = "DUO_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
 }
 
 /// Session limits of a worker (draft or target service).
@@ -96,23 +102,65 @@ pub fn reflection() -> Result<
         .map_err(|e| format!("building reflection: {e}"))
 }
 
+/// A service's shutdown, in two phases: `draining` turns true on the
+/// shutdown signal (health goes NOT_SERVING), `stop` turns true
+/// `--drain-delay-ms` later (the servers stop accepting and drain).
+/// Invariant: `stop` never turns true before `draining`.
+pub struct Lifecycle {
+    pub draining: tokio::sync::watch::Receiver<bool>,
+    pub stop: tokio::sync::watch::Receiver<bool>,
+}
+
 /// What every service does first: installs the metrics recorder, turns
-/// `shutdown` into a watch every server can wait on ([`stopped`]), and
-/// serves `/metrics` when `--metrics-listen` is set.
+/// `shutdown` into the two phases of a [`Lifecycle`] (each a watch every
+/// server can wait on with [`stopped`]), and serves `/metrics` when
+/// `--metrics-listen` is set.
 pub async fn start_common(
     common: &CommonArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<tokio::sync::watch::Receiver<bool>, String> {
+) -> Result<Lifecycle, String> {
     crate::metrics::install();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (draining_tx, draining) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let delay = Duration::from_millis(common.drain_delay_ms);
     tokio::spawn(async move {
         shutdown.await;
+        let _ = draining_tx.send(true);
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "not serving; draining after the delay"
+            );
+            tokio::time::sleep(delay).await;
+        }
         let _ = stop_tx.send(true);
     });
     if let Some(addr) = common.metrics_listen {
-        crate::metrics::spawn_server(addr, stopped(&stop_rx)).await?;
+        crate::metrics::spawn_server(addr, stopped(&stop)).await?;
     }
-    Ok(stop_rx)
+    Ok(Lifecycle { draining, stop })
+}
+
+/// Marks `service` SERVING — unless draining has begun — and NOT_SERVING
+/// as soon as draining begins. Call once the service is ready.
+pub async fn serve_until_draining(
+    reporter: tonic_health::server::HealthReporter,
+    service: &'static str,
+    draining: &tokio::sync::watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    if !*draining.borrow() {
+        reporter
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
+    let drained = stopped(draining);
+    tokio::spawn(async move {
+        drained.await;
+        reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    });
 }
 
 /// A future that resolves once `rx` turns true (shutdown fan-out: one

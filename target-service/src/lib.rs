@@ -264,7 +264,8 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let stop_rx = duo_rpc::serve::start_common(&args.common, shutdown).await?;
+    let life = duo_rpc::serve::start_common(&args.common, shutdown).await?;
+    let stop_rx = life.stop.clone();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_not_serving::<TargetServer<TargetService>>()
@@ -315,9 +316,12 @@ pub async fn serve(
             loaded.map_err(|e| format!("loading task: {e}"))??;
         }
     }
-    health_reporter
-        .set_serving::<TargetServer<TargetService>>()
-        .await;
+    duo_rpc::serve::serve_until_draining(
+        health_reporter.clone(),
+        <TargetServer<TargetService> as tonic::server::NamedService>::NAME,
+        &life.draining,
+    )
+    .await;
     tracing::info!("target-service serving");
     server.await.map_err(|e| format!("server: {e}"))?;
     health_reporter

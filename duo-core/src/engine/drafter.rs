@@ -13,15 +13,20 @@ use crate::runtime::{Branches, CausalLm, RuntimeError, Sequence};
 use crate::sampling::{argmax, top_softmax};
 use crate::spec::policy::{BranchPolicy, MAX_BRANCHES};
 use crate::spec::round::DraftSync;
+use crate::stats::Ema;
+
+/// Weight of each new step-time sample in [`StepCosts`].
+const STEP_COST_ALPHA: f64 = 0.2;
 
 /// One drafting request.
 #[derive(Debug, Clone)]
 pub struct DraftJob {
     pub sync: DraftSync,
-    /// Draft budget in sequential forward steps (>= 1): a single chain gets
-    /// `gamma` tokens; `k` branches, drafted as one batch, get `gamma`
-    /// tokens each (a batched step of k rows costs about one step on the
-    /// CPU, so this is what keeps the draft's time at the budget).
+    /// Draft budget in one-row forward steps (>= 1): a single chain gets
+    /// `gamma` tokens; `k` branches, drafted as one batch, get as many
+    /// batched steps as fit in the same time, by the measured cost of a
+    /// k-row step against a one-row step (a batched step of k rows costs
+    /// more than one row on a CPU: 1.4–2.6× for 4 rows here).
     pub gamma: usize,
     pub policy: BranchPolicy,
 }
@@ -31,7 +36,9 @@ pub struct DraftJob {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DraftTree {
     pub branches: Vec<Vec<u32>>,
-    /// Sequential forward calls made (a batched branch step counts once).
+    /// The drafting's forward calls in one-row step equivalents (a batched
+    /// step of k rows counts its measured cost over a one-row step's),
+    /// rounded: what the budget controller divides the time by.
     pub forward_steps: usize,
     /// Wall time of the drafting call, sync included.
     pub secs: f64,
@@ -60,6 +67,37 @@ pub struct Drafter {
     seq: Sequence,
     unfed: Vec<u32>,
     multi: Option<Multi>,
+    costs: StepCosts,
+}
+
+/// Measured seconds per one-token forward step, by the number of rows
+/// batched (index `rows - 1`), over this session's rounds.
+struct StepCosts([Ema; MAX_BRANCHES]);
+
+impl StepCosts {
+    fn new() -> Self {
+        Self(std::array::from_fn(|_| Ema::new(STEP_COST_ALPHA)))
+    }
+
+    fn observe(&mut self, rows: usize, secs: f64) {
+        if let Some(e) = self.0.get_mut(rows.wrapping_sub(1)) {
+            e.update(secs);
+        }
+    }
+
+    /// A `rows`-row step's cost in one-row steps (>= 1), once both are measured.
+    fn ratio(&self, rows: usize) -> Option<f64> {
+        let one = self.0[0].get()?;
+        let many = self.0.get(rows.wrapping_sub(1))?.get()?;
+        (one > 0.0).then(|| (many / one).max(1.0))
+    }
+}
+
+/// Runs `f` and returns its result with the seconds it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let start = Instant::now();
+    let out = f();
+    (out, start.elapsed().as_secs_f64())
 }
 
 impl Drafter {
@@ -69,6 +107,7 @@ impl Drafter {
             seq: lm.sequence()?,
             unfed: Vec::new(),
             multi: None,
+            costs: StepCosts::new(),
         })
     }
 
@@ -151,7 +190,9 @@ impl Drafter {
             return Ok(tree(vec![vec![x1]], steps));
         }
         // Probe: one greedy step to learn p21.
-        let l2 = lm.extend(&mut self.seq, &[x1])?;
+        let (l2, secs) = timed(|| lm.extend(&mut self.seq, &[x1]));
+        let l2 = l2?;
+        self.costs.observe(1, secs);
         steps += 1;
         let q1 = top_softmax(&q1_logits, MAX_BRANCHES);
         let p21 = top_softmax(l2.last(), 1).first().map_or(1.0, |e| e.1);
@@ -165,7 +206,9 @@ impl Drafter {
                     self.unfed.push(next);
                     break;
                 }
-                let l = lm.extend(&mut self.seq, &[next])?;
+                let (l, secs) = timed(|| lm.extend(&mut self.seq, &[next]));
+                let l = l?;
+                self.costs.observe(1, secs);
                 steps += 1;
                 next = argmax(l.last());
             }
@@ -174,14 +217,19 @@ impl Drafter {
         // Several branches: drop the probe token, fork from the context.
         self.seq.truncate(self.seq.len() - 1)?;
         let heads = policy.branch_heads(&q1, k);
-        let longest = gamma;
+        // The γ − 1 one-row steps a single chain would take after its head,
+        // spent on batched steps of k rows at their measured cost.
+        let ratio = self.costs.ratio(heads.len()).unwrap_or(1.0);
+        let batched_steps = (((gamma - 1) as f64 / ratio).floor() as usize).min(gamma - 1);
+        let longest = 1 + batched_steps;
         let mut full: Vec<Vec<u32>> = heads.iter().map(|&h| vec![h]).collect();
         let rows = if longest > 1 {
             let mut rows = self.seq.fork(heads.len())?;
             let mut toks = heads.clone();
             for _ in 1..longest {
-                let l = lm.extend_branches(&mut rows, &toks)?;
-                steps += 1;
+                let (l, secs) = timed(|| lm.extend_branches(&mut rows, &toks));
+                let l = l?;
+                self.costs.observe(heads.len(), secs);
                 toks = (0..heads.len()).map(|j| argmax(l.row(j))).collect();
                 for (f, &t) in full.iter_mut().zip(&toks) {
                     f.push(t);
@@ -191,6 +239,8 @@ impl Drafter {
         } else {
             None
         };
+        let ratio = self.costs.ratio(heads.len()).unwrap_or(1.0);
+        steps += (batched_steps as f64 * ratio).round() as usize;
         self.multi = Some(Multi {
             rows,
             full: full.clone(),
