@@ -286,10 +286,9 @@ impl Orchestrator {
         req: pb::GenerateRequest,
         out: Output,
     ) -> Result<(Generation, String), Status> {
+        // Validate first: a bad request is refused at once, never queued.
+        let (prompt, params, limits) = self.check(&req).await?;
         let slot = self.0.limiter.open("orchestrator").await?;
-        let limits = self.limits().await?;
-        let (prompt, params) = self.parse(&req)?;
-        session::validate(&prompt, &params, &limits).map_err(engine_status)?;
         let st = &self.0;
         // The draft first: it may wait in the pool's queue, and the target
         // session should not sit idle (and count against the target's
@@ -381,6 +380,48 @@ impl Orchestrator {
     }
 }
 
+impl Orchestrator {
+    /// Runs `req` as a stream (gRPC `GenerateStream`, HTTP `stream: true`).
+    /// Every stream ends with exactly one message after its text chunks:
+    /// the final chunk, or the error. A client that leaves before its
+    /// generation starts — while it waits for a generation slot, a draft
+    /// worker or the target — gives its place up at once (counted as
+    /// `CANCELLED`); one that leaves later stops its generation at the
+    /// next round.
+    pub(crate) fn spawn_stream(
+        &self,
+        req: pb::GenerateRequest,
+    ) -> mpsc::Receiver<Result<pb::GenerateChunk, Status>> {
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mode = mode_from_pb(req.mode).ok();
+            let last = tokio::select! {
+                res = this.run(req, Output::Stream(tx.clone())) => res,
+                () = tx.closed() => {
+                    let left = Status::cancelled("the client left");
+                    telemetry::record_request(mode, &Err(left));
+                    metrics::counter!("duo_orchestrator_streams_total", "end" => "abandoned").increment(1);
+                    return;
+                }
+            };
+            let last = last.map(|(g, worker)| pb::GenerateChunk {
+                text: String::new(),
+                token_ids: Vec::new(),
+                logprobs: Vec::new(),
+                r#final: Some(pb::Final {
+                    finish_reason: finish_to_pb(g.finish_reason) as i32,
+                    stats: Some(stats_to_pb(&g.stats, &worker)),
+                }),
+            });
+            let end = if last.is_ok() { "final" } else { "error" };
+            metrics::counter!("duo_orchestrator_streams_total", "end" => end).increment(1);
+            let _ = tx.send(last).await;
+        });
+        rx
+    }
+}
+
 /// A target failure as the client should see it: the target's own status
 /// for bad input, else UNAVAILABLE saying where the target was expected.
 fn target_status(address: &str, s: Status) -> Status {
@@ -433,29 +474,9 @@ impl GenerationApi for Orchestrator {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let this = self.clone();
-        let req = request.into_inner();
-        tokio::spawn(async move {
-            // Every stream ends with exactly one message after its text
-            // chunks: the final chunk, or the error.
-            let last = match this.run(req, Output::Stream(tx.clone())).await {
-                Ok((g, worker)) => Ok(pb::GenerateChunk {
-                    text: String::new(),
-                    token_ids: Vec::new(),
-                    logprobs: Vec::new(),
-                    r#final: Some(pb::Final {
-                        finish_reason: finish_to_pb(g.finish_reason) as i32,
-                        stats: Some(stats_to_pb(&g.stats, &worker)),
-                    }),
-                }),
-                Err(s) => Err(s),
-            };
-            let end = if last.is_ok() { "final" } else { "error" };
-            metrics::counter!("duo_orchestrator_streams_total", "end" => end).increment(1);
-            let _ = tx.send(last).await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(ReceiverStream::new(
+            self.spawn_stream(request.into_inner()),
+        )))
     }
 
     async fn info(
@@ -593,6 +614,7 @@ pub async fn serve_with(
         limiter: SessionLimiter::new(args.max_generations)
             .with_queue(args.generation_queue, ms(args.generation_queue_timeout_ms))
             .with_gauge("duo_orchestrator_generations_open")
+            .with_waiting_gauge("duo_orchestrator_generation_queue_waiting")
             .with_unit("generations"),
         chat_template: openai::ChatTemplate {
             assistant_name: args.chat_assistant_name.clone(),

@@ -40,11 +40,24 @@ pub fn router(orch: Orchestrator) -> Router {
 /// An error in OpenAI's shape with the matching HTTP status.
 struct ApiError(StatusCode, String, &'static str);
 
+/// Seconds a client is told to wait before retrying a 429 or 503.
+const RETRY_AFTER_SECS: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body =
             json!({"error": {"message": self.1, "type": self.2, "param": null, "code": null}});
-        (self.0, Json(body)).into_response()
+        let mut resp = (self.0, Json(body)).into_response();
+        if matches!(
+            self.0,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        resp
     }
 }
 
@@ -281,24 +294,17 @@ async fn respond(
         };
         return Ok(Json(whole(&orch, &id, &resp, logprobs)).into_response());
     }
-    // Validate before answering 200: errors found up front get their status.
-    orch.check(&req).await?;
-    let (tx, rx) = mpsc::channel(16);
-    let runner = orch.clone();
-    tokio::spawn(async move {
-        let last = match runner.run(req, Output::Stream(tx.clone())).await {
-            Ok((g, worker)) => Ok(pb::GenerateChunk {
-                r#final: Some(pb::Final {
-                    finish_reason: duo_rpc::convert::finish_to_pb(g.finish_reason) as i32,
-                    stats: Some(duo_rpc::convert::stats_to_pb(&g.stats, &worker)),
-                }),
-                ..Default::default()
-            }),
-            Err(s) => Err(s),
-        };
-        let _ = tx.send(last).await;
-    });
-    let events = ReceiverStream::new(rx)
+    // Nothing is sent before the first chunk: an error known by then
+    // (invalid, overloaded, target down) gets its own status, not a 200
+    // with an error event.
+    let mut rx = orch.spawn_stream(req);
+    let first = match rx.recv().await {
+        Some(Ok(first)) => first,
+        Some(Err(s)) => return Err(s.into()),
+        None => return Err(Status::internal("the generation ended without a message").into()),
+    };
+    let events = tokio_stream::once(Ok(first))
+        .chain(ReceiverStream::new(rx))
         .map(move |item| -> Result<Event, Infallible> {
             Ok(match item {
                 Ok(c) => Event::default().data(chunk(&orch, &id, &c, logprobs).to_string()),

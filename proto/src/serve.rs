@@ -243,6 +243,8 @@ pub struct SessionLimiter {
     queue: usize,
     queue_timeout: Duration,
     gauge: Option<&'static str>,
+    /// The Prometheus gauge of requests waiting in the queue, if any.
+    waiting_gauge: Option<&'static str>,
     /// What is counted, for messages ("sessions", "generations").
     unit: &'static str,
 }
@@ -264,11 +266,16 @@ impl Drop for SessionSlot {
 }
 
 /// Counts a waiter for as long as it waits.
-struct Waiting(Arc<AtomicUsize>);
+/// One request in the queue; leaving it (served, timed out, or abandoned
+/// by its client) takes it out of the count and the gauge.
+struct Waiting(Arc<AtomicUsize>, Option<&'static str>);
 
 impl Drop for Waiting {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(g) = self.1 {
+            metrics::gauge!(g).decrement(1.0);
+        }
     }
 }
 
@@ -284,6 +291,7 @@ impl SessionLimiter {
             queue: 0,
             queue_timeout: Duration::ZERO,
             gauge: None,
+            waiting_gauge: None,
             unit: "sessions",
         }
     }
@@ -304,6 +312,12 @@ impl SessionLimiter {
     /// Keeps the Prometheus gauge `name` equal to the sessions open.
     pub fn with_gauge(mut self, name: &'static str) -> Self {
         self.gauge = Some(name);
+        self
+    }
+
+    /// Keeps the Prometheus gauge `name` equal to the requests queued.
+    pub fn with_waiting_gauge(mut self, name: &'static str) -> Self {
+        self.waiting_gauge = Some(name);
         self
     }
 
@@ -352,7 +366,10 @@ impl SessionLimiter {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(self.full(what));
         }
-        let _waiting = Waiting(self.waiting.clone());
+        if let Some(g) = self.waiting_gauge {
+            metrics::gauge!(g).increment(1.0);
+        }
+        let _waiting = Waiting(self.waiting.clone(), self.waiting_gauge);
         match tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(self.slot(permit)),
             _ => Err(self.full(what)),
