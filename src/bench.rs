@@ -221,21 +221,7 @@ pub(crate) fn cost_structure(
         ort_lib: cfg.ort_lib.clone(),
         ..ModelOptions::default()
     };
-    let median_ms = |lm: &mut CausalLm, tokens: usize| -> anyhow::Result<f64> {
-        let mut seq = lm.sequence()?;
-        lm.extend(&mut seq, &[1; 128])?;
-        let mut times = Vec::new();
-        for rep in 0..25 {
-            let start = std::time::Instant::now();
-            lm.extend(&mut seq, &vec![2; tokens])?;
-            if rep >= 5 {
-                times.push(start.elapsed().as_secs_f64() * 1e3);
-            }
-            seq.truncate(128)?;
-        }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
-    };
+    let median_ms = |lm: &mut CausalLm, tokens: usize| forward_ms(lm, tokens, 5, 20);
     let mut target = CausalLm::load(&cfg.target, &opts)?;
     let t1 = median_ms(&mut target, 1)?;
     let t8 = median_ms(&mut target, 8)?;
@@ -252,6 +238,30 @@ pub(crate) fn cost_structure(
         "draft8_over_1": d8 / d1,
         "target_over_draft_step": t1 / d1,
     }))
+}
+
+/// Median milliseconds of one forward of `tokens` new tokens after a
+/// 128-token past (the model card's measure): `reps` timed runs after
+/// `warmup` untimed ones, the past truncated back each time.
+pub(crate) fn forward_ms(
+    lm: &mut duo_core::runtime::CausalLm,
+    tokens: usize,
+    warmup: usize,
+    reps: usize,
+) -> anyhow::Result<f64> {
+    let mut seq = lm.sequence()?;
+    lm.extend(&mut seq, &[1; 128])?;
+    let mut times = Vec::new();
+    for rep in 0..warmup + reps.max(1) {
+        let start = std::time::Instant::now();
+        lm.extend(&mut seq, &vec![2; tokens])?;
+        if rep >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        seq.truncate(128)?;
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {

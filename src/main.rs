@@ -330,19 +330,8 @@ fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
         // Forward cost at past 128 (as in the model card): +1 and +8 tokens.
         let mut costs = serde_json::Map::new();
         for block in [1usize, 8] {
-            let mut seq = lm.sequence()?;
-            lm.extend(&mut seq, &vec![1; 128])?;
-            let mut times = Vec::new();
-            for rep in 0..400 {
-                let start = std::time::Instant::now();
-                lm.extend(&mut seq, &vec![2; block])?;
-                if rep >= 50 {
-                    times.push(start.elapsed().as_secs_f64() * 1e3);
-                }
-                seq.truncate(128)?;
-            }
-            times.sort_by(f64::total_cmp);
-            costs.insert(format!("+{block}_ms"), times[times.len() / 2].into());
+            let ms = bench::forward_ms(&mut lm, block, 50, 350)?;
+            costs.insert(format!("+{block}_ms"), ms.into());
         }
         // k branches from one 128-token context, 4 greedy steps each: one
         // batched forward per step vs k sequences run one after another.
