@@ -159,6 +159,16 @@ async fn incompatible_tokenizer_is_refused() {
         .generate(request(vec![1, 2, 3], pb::Mode::Autoregressive))
         .await
         .unwrap();
+    // Over HTTP the mismatch is the server's fault: 500, not 400.
+    let (code, _, body) = common::http(
+        dep.http,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt": [1, 2, 3], "max_tokens": 4, "mode": "duodecoding"}"#,
+    )
+    .await;
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("server_error"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

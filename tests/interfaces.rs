@@ -38,29 +38,9 @@ async fn queued(dep: &common::Deployment) -> String {
         .to_string()
 }
 
-/// A raw HTTP/1.0 POST of JSON; returns the status code, the headers and
-/// the body (read to the end).
+/// A raw HTTP/1.0 POST of JSON: status code, headers, body.
 async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, head.to_lowercase(), body.to_string())
+    common::http(addr, "POST", path, body).await
 }
 
 /// The scenarios run one after the other: they read the process-wide
@@ -69,6 +49,17 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, Strin
 async fn queues_validation_and_stream_statuses() {
     streams_abandoned_in_the_queue_never_block_a_live_client().await;
     invalid_requests_are_refused_before_the_queue_and_streams_get_statuses().await;
+    http_errors_are_openai_error_objects().await;
+}
+
+fn cancelled(metrics: &str) -> String {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("duo_orchestrator_requests_total") && l.contains("outcome=\"Cancelled\"")
+        })
+        .unwrap_or("")
+        .to_string()
 }
 
 async fn streams_abandoned_in_the_queue_never_block_a_live_client() {
@@ -105,6 +96,22 @@ async fn streams_abandoned_in_the_queue_never_block_a_live_client() {
         queued(&dep).await.ends_with(" 0")
     })
     .await;
+    // A unary HTTP client that leaves the queue is counted too.
+    let unary = tokio::spawn(post(
+        dep.http,
+        "/v1/completions",
+        r#"{"prompt": "KING. Speak", "max_tokens": 8}"#,
+    ));
+    common::wait_until(10, "the unary request queued", || async {
+        queued(&dep).await.ends_with(" 1")
+    })
+    .await;
+    unary.abort();
+    common::wait_until(10, "three abandoned requests counted", || async {
+        cancelled(&common::http_get(dep.http, "/metrics").await).ends_with(" 3")
+    })
+    .await;
+    assert!(queued(&dep).await.ends_with(" 0"));
     // A live client now waits in the queue and is served.
     let live = tokio::spawn({
         let mut c = dep.client().await;
@@ -200,4 +207,54 @@ async fn invalid_requests_are_refused_before_the_queue_and_streams_get_statuses(
     assert_eq!(code, 200, "{body}");
     assert!(head.contains("text/event-stream"), "{head}");
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+}
+
+/// Errors outside the generation path keep OpenAI's shape; field names are
+/// the API's own.
+async fn http_errors_are_openai_error_objects() {
+    let dep = common::start_with(Setup::drafts(1)).await;
+    let (code, _, body) = common::http(dep.http, "GET", "/v1/nothing", "").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body.contains("\"error\"") && body.contains("/v1/nothing"),
+        "{body}"
+    );
+    let (code, _, body) = common::http(dep.http, "GET", "/v1/completions", "").await;
+    assert_eq!(code, 405, "{body}");
+    assert!(body.contains("\"error\"") && body.contains("GET"), "{body}");
+    let (code, _, body) = common::http(dep.http, "GET", "/v1/models/duo", "").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"object\":\"model\""), "{body}");
+    let (code, _, body) = common::http(dep.http, "GET", "/v1/models/gpt-4", "").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("does not exist"), "{body}");
+    // Prompts as the openai SDK sends them: a list of one string, token ids.
+    for prompt in [r#"["KING."]"#, "[1, 2, 3]"] {
+        let (code, _, body) = post(
+            dep.http,
+            "/v1/completions",
+            &format!(r#"{{"prompt": {prompt}, "max_tokens": 4}}"#),
+        )
+        .await;
+        assert_eq!(code, 200, "{prompt}: {body}");
+    }
+    let (code, _, body) = post(
+        dep.http,
+        "/v1/completions",
+        r#"{"prompt": ["a", "b"], "max_tokens": 4}"#,
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("batches are not supported"), "{body}");
+    let (code, _, body) = post(
+        dep.http,
+        "/v1/completions",
+        r#"{"prompt": "KING.", "max_tokens": 100000}"#,
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("max_tokens") && !body.contains("max_new_tokens"),
+        "{body}"
+    );
 }

@@ -273,7 +273,10 @@ impl Orchestrator {
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mode = mode_from_pb(req.mode).ok();
         let span = tracing::info_span!("request", id, mode = ?mode);
+        // Counted even when the caller drops this future (its client left).
+        let mut abandoned = Abandoned(Some(mode));
         let res = self.run_inner(req, out).instrument(span.clone()).await;
+        abandoned.0 = None;
         if let Err(s) = &res {
             span.in_scope(|| tracing::info!(code = ?s.code(), "request failed: {}", s.message()));
         }
@@ -395,12 +398,10 @@ impl Orchestrator {
         let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
         tokio::spawn(async move {
-            let mode = mode_from_pb(req.mode).ok();
             let last = tokio::select! {
                 res = this.run(req, Output::Stream(tx.clone())) => res,
                 () = tx.closed() => {
-                    let left = Status::cancelled("the client left");
-                    telemetry::record_request(mode, &Err(left));
+                    // (`run` counts the request as cancelled when dropped.)
                     metrics::counter!("duo_orchestrator_streams_total", "end" => "abandoned").increment(1);
                     return;
                 }
@@ -419,6 +420,18 @@ impl Orchestrator {
             let _ = tx.send(last).await;
         });
         rx
+    }
+}
+
+/// Records a request whose future was dropped before it finished (the
+/// client left) as `CANCELLED`; emptied once the request finishes.
+struct Abandoned(Option<Option<Mode>>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(mode) = self.0.take() {
+            telemetry::record_request(mode, &Err(Status::cancelled("the client left")));
+        }
     }
 }
 

@@ -34,7 +34,30 @@ pub fn router(orch: Orchestrator) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(orch)
+}
+
+/// Unknown paths get OpenAI's error object, not an empty body.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!(
+            "unknown path {}: this server serves POST /v1/completions, POST /v1/chat/completions, GET /v1/models and GET /metrics",
+            uri.path()
+        ),
+        "invalid_request_error",
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+        "invalid_request_error",
+    )
 }
 
 /// An error in OpenAI's shape with the matching HTTP status.
@@ -64,15 +87,18 @@ impl IntoResponse for ApiError {
 impl From<Status> for ApiError {
     fn from(s: Status) -> Self {
         let (code, kind) = match s.code() {
-            Code::InvalidArgument | Code::FailedPrecondition => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error")
-            }
+            Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            // The services disagree (e.g. tokenizers): the deployment's
+            // fault, not the request's.
+            Code::FailedPrecondition => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
             Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
             Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             Code::Cancelled | Code::DeadlineExceeded => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
         };
-        ApiError(code, s.message().to_string(), kind)
+        // Name the fields as this API spells them.
+        let message = s.message().replace("max_new_tokens", "max_tokens");
+        ApiError(code, message, kind)
     }
 }
 
@@ -81,11 +107,12 @@ fn bad(msg: impl Into<String>) -> ApiError {
 }
 
 /// `prompt` and `stop` accept a string or a list, as in OpenAI's API.
+/// (`Many` first: an untagged `One(Value)` would take a list too.)
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum OneOrMany<T> {
-    One(T),
     Many(Vec<T>),
+    One(T),
 }
 
 /// The fields shared by completions and chat completions.
@@ -427,11 +454,26 @@ fn chat_whole(_: &Orchestrator, id: &str, r: &pb::GenerateResponse, _logprobs: b
     })
 }
 
+fn model_object() -> Value {
+    json!({"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "duodecoding"})
+}
+
 async fn models(State(_): State<Orchestrator>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "duodecoding"}],
-    }))
+    Json(json!({"object": "list", "data": [model_object()]}))
+}
+
+async fn model(
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if id == MODEL_ID {
+        Ok(Json(model_object()))
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("the model {id:?} does not exist: this server serves {MODEL_ID:?}"),
+            "invalid_request_error",
+        ))
+    }
 }
 
 /// How chat messages become a prompt: each message is

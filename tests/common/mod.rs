@@ -421,6 +421,27 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
         .map_or(buf.clone(), |(_, b)| b.to_string())
 }
 
+/// A raw HTTP/1.0 request (JSON body); returns the status code, the
+/// headers (lower-cased) and the body, read to the end.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head.to_lowercase(), body.to_string())
+}
+
 /// Largest top-1 minus top-2 target logit gap at which two modes may pick
 /// different tokens: a multi-token forward (verification) and a one-token
 /// forward (autoregressive) round differently, so an exact tie can flip.
