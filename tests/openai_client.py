@@ -58,7 +58,8 @@ assert streamed == chat.choices[0].message.content, (streamed, chat.choices[0].m
 for kwargs, needle in [
     (dict(temperature=-1), "temperature"),
     (dict(top_p=1.5), "top_p"),
-    (dict(max_tokens=0), "max_new_tokens"),
+    # The API's own field name, not the gRPC one.
+    (dict(max_tokens=0), "max_tokens must be"),
     (dict(max_tokens=100000), "context"),
     (dict(extra_body={"mode": "warp"}), "unknown mode"),
 ]:
@@ -68,6 +69,7 @@ for kwargs, needle in [
     except openai.BadRequestError as e:
         assert e.status_code == 400, e
         assert needle in e.body["message"], (needle, e.body)
+        assert "max_new_tokens" not in e.body["message"], e.body
 try:
     client.completions.create(model="other-model", prompt=prompt, max_tokens=4)
     raise AssertionError("unknown model accepted")
