@@ -63,7 +63,7 @@ fn cancelled(metrics: &str) -> String {
 }
 
 async fn streams_abandoned_in_the_queue_never_block_a_live_client() {
-    let mut dep = one_slot_two_queued().await;
+    let dep = one_slot_two_queued().await;
     dep.hold();
     let (first, _) = common::held_stream(&dep, greedy(PROMPTS[0], Mode::Duodecoding, 32)).await;
     // Two streaming clients (one gRPC, one HTTP) queue behind it ...
@@ -137,7 +137,7 @@ async fn streams_abandoned_in_the_queue_never_block_a_live_client() {
 }
 
 async fn invalid_requests_are_refused_before_the_queue_and_streams_get_statuses() {
-    let mut dep = one_slot_two_queued().await;
+    let dep = one_slot_two_queued().await;
     dep.hold();
     let (first, _) = common::held_stream(&dep, greedy(PROMPTS[0], Mode::Duodecoding, 32)).await;
     // Invalid, while every slot is taken: INVALID_ARGUMENT at once, not a

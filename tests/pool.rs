@@ -76,7 +76,7 @@ async fn generations_spread_across_two_and_three_workers() {
 /// Holds generations and starts `streams` duodecoding streams, reading one
 /// chunk from each: all stay in flight until `dep.release()`.
 async fn start_streams(
-    dep: &mut common::Deployment,
+    dep: &common::Deployment,
     streams: usize,
     n: u32,
 ) -> Vec<(usize, tonic::Streaming<pb::GenerateChunk>, Vec<u32>)> {
@@ -113,7 +113,7 @@ async fn killed_workers_fail_over_run_target_only_and_rejoin() {
     let (a_addr, b_addr) = (common::free_port(), common::free_port());
     let mut a = common::draft_process(a_addr);
     let mut b = common::draft_process(b_addr);
-    let mut dep = common::start_with(Setup {
+    let dep = common::start_with(Setup {
         orchestrator_flags: vec![
             format!("--draft=http://{a_addr}"),
             format!("--draft=http://{b_addr}"),
@@ -130,7 +130,7 @@ async fn killed_workers_fail_over_run_target_only_and_rejoin() {
     let refs = reference(&dep, n).await;
 
     // 1. Kill worker A while 4 streams are running (2 of them on A).
-    let streams = start_streams(&mut dep, 4, n).await;
+    let streams = start_streams(&dep, 4, n).await;
     a.kill();
     dep.release();
     let done = finish(streams, &refs).await;
@@ -146,7 +146,7 @@ async fn killed_workers_fail_over_run_target_only_and_rejoin() {
 
     // 2. Kill B too: generations still complete, target-only, and health
     //    and metrics say the drafts are down.
-    let streams = start_streams(&mut dep, 2, n).await;
+    let streams = start_streams(&dep, 2, n).await;
     b.kill();
     dep.release();
     let done = finish(streams, &refs).await;
@@ -296,7 +296,7 @@ async fn a_terminated_worker_reports_not_serving_drains_and_no_request_fails() {
     let a = common::spawn_draft(&tok, &delay, &stop_a_rx).await;
     let b = common::spawn_draft(&tok, &delay, &stop_b_rx).await;
     addrs.lock().unwrap().extend([a, b]);
-    let mut dep = common::start_with(Setup {
+    let dep = common::start_with(Setup {
         orchestrator_flags: vec![
             "--draft-dns=drafts.test:50053".into(),
             "--discovery-interval-ms=100".into(),

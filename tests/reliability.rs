@@ -41,7 +41,7 @@ async fn generation_health(dep: &common::Deployment) -> i32 {
 async fn target_restart_fails_in_flight_requests_then_serves_again() {
     let target_addr = common::free_port();
     let mut target = common::target_process(target_addr);
-    let mut dep = common::start_with(Setup {
+    let dep = common::start_with(Setup {
         external_target: Some(target_addr),
         orchestrator_flags: vec!["--health-interval-ms=200".into()],
         ..Setup::drafts(1)
@@ -270,7 +270,7 @@ async fn idle_sessions_expire_on_both_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn session_limits_queues_and_backpressure() {
     // A worker with room for one session and a queue of one.
-    let mut dep = common::start_with(Setup {
+    let dep = common::start_with(Setup {
         draft_flags: vec![
             "--max-sessions=1".into(),
             "--session-queue=1".into(),
@@ -331,7 +331,7 @@ async fn session_limits_queues_and_backpressure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn generations_beyond_the_limit_queue_then_are_refused() {
-    let mut dep = common::start_with(Setup {
+    let dep = common::start_with(Setup {
         orchestrator_flags: vec![
             "--max-generations=1".into(),
             "--generation-queue=1".into(),

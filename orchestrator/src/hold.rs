@@ -24,6 +24,11 @@ impl HoldGate {
         *self.closed.lock().unwrap_or_else(|p| p.into_inner()) = true;
     }
 
+    /// Whether generations are being held.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Paused generations go on.
     pub fn open(&self) {
         *self.closed.lock().unwrap_or_else(|p| p.into_inner()) = false;

@@ -274,9 +274,12 @@ impl Orchestrator {
         let mode = mode_from_pb(req.mode).ok();
         let span = tracing::info_span!("request", id, mode = ?mode);
         // Counted even when the caller drops this future (its client left).
-        let mut abandoned = Abandoned(Some(mode));
+        let mut abandoned = Abandoned {
+            mode,
+            finished: false,
+        };
         let res = self.run_inner(req, out).instrument(span.clone()).await;
-        abandoned.0 = None;
+        abandoned.finished = true;
         if let Err(s) = &res {
             span.in_scope(|| tracing::info!(code = ?s.code(), "request failed: {}", s.message()));
         }
@@ -348,7 +351,7 @@ impl Orchestrator {
                             r#final: None,
                         }))
                         .is_ok(),
-                    Output::Unary(alive) => !alive.is_closed(),
+                    Output::Unary(_) => !out.is_closed(),
                 };
                 if alive && std::mem::take(&mut first) {
                     st.hold.pass(|| !out.is_closed());
@@ -381,9 +384,7 @@ impl Orchestrator {
             (Err(e), None) => Err(engine_status(e)),
         }
     }
-}
 
-impl Orchestrator {
     /// Runs `req` as a stream (gRPC `GenerateStream`, HTTP `stream: true`).
     /// Every stream ends with exactly one message after its text chunks:
     /// the final chunk, or the error. A client that leaves before its
@@ -424,13 +425,17 @@ impl Orchestrator {
 }
 
 /// Records a request whose future was dropped before it finished (the
-/// client left) as `CANCELLED`; emptied once the request finishes.
-struct Abandoned(Option<Option<Mode>>);
+/// client left) as `CANCELLED`; `finished` is set once the request has
+/// been recorded the normal way.
+struct Abandoned {
+    mode: Option<Mode>,
+    finished: bool,
+}
 
 impl Drop for Abandoned {
     fn drop(&mut self) {
-        if let Some(mode) = self.0.take() {
-            telemetry::record_request(mode, &Err(Status::cancelled("the client left")));
+        if !self.finished {
+            telemetry::record_request(self.mode, &Err(Status::cancelled("the client left")));
         }
     }
 }

@@ -26,7 +26,6 @@ pub struct Deployment {
     /// Turns true when the deployment stops (for services added later).
     pub stop_rx: watch::Receiver<bool>,
     gate: Arc<orchestrator::HoldGate>,
-    held: bool,
 }
 
 impl Deployment {
@@ -37,15 +36,13 @@ impl Deployment {
     /// From now on every generation pauses after its first chunk (see
     /// [`orchestrator::HoldGate`]) until [`Deployment::release`]: what a
     /// test needs to keep generations in flight, deterministically.
-    pub fn hold(&mut self) {
+    pub fn hold(&self) {
         self.gate.close();
-        self.held = true;
     }
 
     /// Held generations go on; new ones are no longer held.
-    pub fn release(&mut self) {
+    pub fn release(&self) {
         self.gate.open();
-        self.held = false;
     }
 }
 
@@ -64,7 +61,10 @@ pub async fn held_stream(
     dep: &Deployment,
     req: duo_rpc::pb::GenerateRequest,
 ) -> (tonic::Streaming<duo_rpc::pb::GenerateChunk>, Vec<u32>) {
-    assert!(dep.held, "held_stream needs Deployment::hold first");
+    assert!(
+        dep.gate.is_closed(),
+        "held_stream needs Deployment::hold first"
+    );
     let mut s = dep
         .client()
         .await
@@ -241,7 +241,6 @@ pub async fn start_with(setup: Setup) -> Deployment {
         stop,
         stop_rx: rx,
         gate,
-        held: false,
     };
     let client = dep.client().await;
     wait_until(60, "the orchestrator answers Info", || {
@@ -410,15 +409,7 @@ pub fn greedy(
 
 /// GET `path` over plain HTTP/1.0; returns the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf.split_once("\r\n\r\n")
-        .map_or(buf.clone(), |(_, b)| b.to_string())
+    http(addr, "GET", path, "").await.2
 }
 
 /// A raw HTTP/1.0 request (JSON body); returns the status code, the

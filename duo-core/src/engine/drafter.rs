@@ -239,6 +239,7 @@ impl Drafter {
         } else {
             None
         };
+        // Accounted at the ratio just measured (this round's steps included).
         let ratio = self.costs.ratio(heads.len()).unwrap_or(1.0);
         steps += (batched_steps as f64 * ratio).round() as usize;
         self.multi = Some(Multi {
