@@ -442,6 +442,7 @@ fn random_target_request(rng: &mut impl Rng, fp: &str) -> pb::TargetRequest {
             top_p: [0.0, 0.5, 1.0, 1.5, -0.1][rng.random_range(0..5)],
             seed: rng.random(),
             logprobs: rng.random(),
+            max_context: [0, 1, 100, u32::MAX][rng.random_range(0..4)],
         })),
         _ => {
             let max = if rng.random_bool(0.1) { 700 } else { 30 };

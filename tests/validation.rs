@@ -229,3 +229,75 @@ async fn invalid_requests_are_rejected_with_a_clear_message() {
     // Still serving.
     client.generate(ok_request()).await.unwrap();
 }
+
+/// The target admits sessions by KV-cache bytes: with a 1 MiB budget one
+/// full-context session of the bundled target (512 tokens x 2 KiB) fits, a
+/// second is refused with RESOURCE_EXHAUSTED naming the bytes, and closing
+/// the first frees its share. A generation through the orchestrator
+/// reserves only what it can use (prompt + max_tokens + the longest tail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn target_sessions_are_admitted_by_kv_bytes() {
+    use duo_rpc::pb::target_client::TargetClient;
+    use duo_rpc::pb::{target_reply, target_request};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    let dep = common::start_with(common::Setup {
+        target_flags: vec!["--kv-budget-mib".into(), "1".into()],
+        ..common::Setup::drafts(1)
+    })
+    .await;
+    let fp = TargetClient::new(common::channel(dep.target).await)
+        .describe(pb::DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokenizer_fingerprint;
+    let open = |max_context: u32| pb::TargetRequest {
+        kind: Some(target_request::Kind::Open(pb::OpenTarget {
+            vocab_size: 2048,
+            tokenizer_fingerprint: fp.clone(),
+            max_context,
+            ..Default::default()
+        })),
+    };
+    let session = |req: pb::TargetRequest| {
+        let addr = dep.target;
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(req).await.unwrap();
+            let mut replies = TargetClient::new(common::channel(addr).await)
+                .session(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let first = replies.message().await;
+            (tx, replies, first)
+        }
+    };
+    let (first_tx, _first_rx, opened) = session(open(0)).await;
+    assert!(
+        matches!(
+            opened.unwrap().unwrap().kind,
+            Some(target_reply::Kind::Opened(_))
+        ),
+        "a full-context session fits a 1 MiB budget"
+    );
+    let (_tx, _rx, refused) = session(open(300)).await;
+    let status = refused.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    for part in ["KV cache budget", "300 tokens x 2048 B", "--kv-budget-mib"] {
+        assert!(status.message().contains(part), "{}", status.message());
+    }
+    // Through the orchestrator a generation is refused the same way while
+    // the budget is full...
+    let mut client = dep.client().await;
+    let err = client.generate(ok_request()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    // ...and runs once the first session closes.
+    drop(first_tx);
+    common::wait_until(10, "the closed session's reservation freed", || {
+        let mut c = client.clone();
+        async move { c.generate(ok_request()).await.is_ok() }
+    })
+    .await;
+}

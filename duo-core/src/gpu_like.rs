@@ -27,12 +27,10 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
-#[allow(clippy::all, missing_docs)]
-mod onnx {
-    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
-}
-
-use onnx::{AttributeProto, ModelProto, NodeProto, TensorProto, attribute_proto, tensor_proto};
+use crate::onnx_graph::node;
+use crate::onnx_graph::onnx::{
+    self, AttributeProto, ModelProto, NodeProto, TensorProto, attribute_proto, tensor_proto,
+};
 
 /// A ballast branch; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -299,13 +297,7 @@ impl Builder {
 
     fn ints(&mut self, what: &str, v: &[i64]) -> String {
         let name = self.name(what);
-        self.initializers.push(TensorProto {
-            name: Some(name.clone()),
-            dims: vec![v.len() as i64],
-            data_type: Some(tensor_proto::DataType::Int64 as i32),
-            int64_data: v.to_vec(),
-            ..Default::default()
-        });
+        self.initializers.push(crate::onnx_graph::ints(&name, v));
         name
     }
 
@@ -340,24 +332,5 @@ impl Builder {
         });
         self.nodes.push(n);
         out
-    }
-}
-
-fn node(op: &str, inputs: &[&str], output: &str, ints: &[(&str, i64)]) -> NodeProto {
-    NodeProto {
-        op_type: Some(op.into()),
-        name: Some(format!("{output}.node")),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        attribute: ints
-            .iter()
-            .map(|(k, v)| AttributeProto {
-                name: Some((*k).into()),
-                r#type: Some(attribute_proto::AttributeType::Int as i32),
-                i: Some(*v),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod engine;
 pub mod gpu_like;
+mod onnx_graph;
 pub mod runtime;
 pub mod sampling;
 pub mod spec;

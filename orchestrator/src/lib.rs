@@ -322,6 +322,7 @@ impl Orchestrator {
                 top_p: params.sampling.top_p,
                 seed: params.seed,
                 logprobs: params.logprobs,
+                max_context: session_max_context(&prompt, &params, &limits, &st.budget),
             },
             st.target_timeout,
         )
@@ -442,6 +443,24 @@ impl Drop for Abandoned {
 
 /// A target failure as the client should see it: the target's own status
 /// for bad input, else UNAVAILABLE saying where the target was expected.
+/// The most tokens the target's cache holds for this generation: the prompt,
+/// every token it may generate, and the longest unverified tail the budget
+/// may draft beyond them, within the models' context.
+fn session_max_context(
+    prompt: &[u32],
+    params: &GenerateParams,
+    limits: &Limits,
+    budget: &Mutex<BudgetController>,
+) -> u32 {
+    let tail = budget
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .config()
+        .max_gamma;
+    let tokens = (prompt.len() + params.max_new_tokens + tail).min(limits.context_len);
+    u32::try_from(tokens).unwrap_or(u32::MAX)
+}
+
 fn target_status(address: &str, s: Status) -> Status {
     match s.code() {
         tonic::Code::InvalidArgument

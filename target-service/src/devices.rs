@@ -43,13 +43,35 @@ fn gpus() -> Result<Vec<String>, String> {
         let ctx =
             CudaContext::new(i as usize).map_err(|e| format!("opening CUDA device {i}: {e}"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let mem = result::device::total_mem(ctx.cu_device()).unwrap_or(0);
+        let mem = ctx.total_mem().unwrap_or(0);
         out.push(format!(
             "cuda:{i} {name} ({:.1} GiB)",
             mem as f64 / (1u64 << 30) as f64
         ));
     }
     Ok(out)
+}
+
+/// Free memory on CUDA device `ordinal`, in bytes.
+#[cfg(feature = "cuda")]
+pub fn free_memory(ordinal: i32) -> Result<u64, String> {
+    use cudarc::driver::{CudaContext, sys};
+    // SAFETY: only checks whether the driver library can be loaded.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver (libcuda.so) found".into());
+    }
+    let ctx = CudaContext::new(usize::try_from(ordinal).map_err(|e| e.to_string())?)
+        .map_err(|e| format!("opening CUDA device {ordinal}: {e}"))?;
+    let (free, _total) = ctx
+        .mem_get_info()
+        .map_err(|e| format!("reading CUDA device {ordinal}'s memory: {e}"))?;
+    Ok(free as u64)
+}
+
+/// Free memory on a CUDA device: unknown without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub fn free_memory(_ordinal: i32) -> Result<u64, String> {
+    gpus().map(|_| 0)
 }
 
 #[cfg(not(feature = "cuda"))]

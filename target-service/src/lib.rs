@@ -7,6 +7,7 @@
 //! then `Verify` requests. Closing the stream frees the session.
 
 pub mod devices;
+pub mod kv_budget;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -53,11 +54,18 @@ pub struct Args {
     /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the build's .ort/).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
+    /// Memory for the sessions' KV caches, in MiB: each session reserves
+    /// what its cache can grow to when it opens, and is refused with
+    /// RESOURCE_EXHAUSTED when that does not fit. Default: 80% of the
+    /// memory free after the model loaded (GPU memory on CUDA, RAM on CPU).
+    #[arg(long, env = "DUO_KV_BUDGET_MIB")]
+    pub kv_budget_mib: Option<u64>,
 }
 
 #[derive(Clone)]
 struct TargetService {
     loaded: Arc<OnceLock<LoadedWorker>>,
+    kv: Arc<OnceLock<kv_budget::KvBudget>>,
     limiter: SessionLimiter,
     ttl: Option<std::time::Duration>,
     cpu_core: Option<usize>,
@@ -69,6 +77,8 @@ struct TargetSession {
     sampling: SamplingParams,
     rng: Rng,
     logprobs: bool,
+    /// This session's share of the KV budget, released with the session.
+    _kv: kv_budget::Reservation,
 }
 
 impl TargetService {
@@ -100,12 +110,18 @@ fn open_session(
     sampling
         .validate()
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let kv = svc
+        .kv
+        .get()
+        .ok_or_else(|| Status::unavailable("target-service is still loading its model"))?
+        .reserve(open.max_context)?;
     let lm = loaded.lm();
     let session = TargetSession {
         verifier: Verifier::new(&lm).map_err(runtime_status)?,
         sampling,
         rng: rng_from_seed(open.seed),
         logprobs: open.logprobs,
+        _kv: kv,
     };
     Ok((
         session,
@@ -161,11 +177,15 @@ impl Target for TargetService {
                     None => Err(Status::invalid_argument(
                         "empty TargetRequest: set open or verify",
                     )),
-                    Some(target_request::Kind::Open(open)) => open_session(&svc, loaded, &open)
-                        .map(|(s, r)| {
+                    Some(target_request::Kind::Open(open)) => {
+                        // A re-open replaces the session: free its cache
+                        // and reservation first.
+                        session = None;
+                        open_session(&svc, loaded, &open).map(|(s, r)| {
                             session = Some(s);
                             r
-                        }),
+                        })
+                    }
                     Some(target_request::Kind::Verify(v)) => {
                         match (session.take(), check_verify(&v, vocab)) {
                             (None, _) => {
@@ -251,6 +271,33 @@ impl Target for TargetService {
     }
 }
 
+/// Tokens of the warm-up prefill (fewer when the model's context is short).
+const WARM_UP_PREFILL: usize = 128;
+/// Tokens of the warm-up verification block (a round's γ + 1 at most).
+const WARM_UP_BLOCK: usize = 17;
+
+/// Runs what a session runs (a prefill, a verification block, a rollback)
+/// once on a throw-away sequence, so the device's one-time costs (kernel
+/// selection, allocator growth, CUDA graph capture) are paid before health
+/// says SERVING, not by the first request. Returns its wall time.
+fn warm_up(worker: &LoadedWorker) -> Result<f64, String> {
+    let start = std::time::Instant::now();
+    let mut lm = worker.lm();
+    let ctx = lm
+        .info()
+        .context_len
+        .unwrap_or(WARM_UP_PREFILL + WARM_UP_BLOCK);
+    let block = WARM_UP_BLOCK.min(ctx / 2).max(1);
+    let prefill = WARM_UP_PREFILL.min(ctx - block).max(1);
+    let fail = |e: duo_core::runtime::RuntimeError| format!("warm-up forward failed: {e}");
+    let mut seq = lm.sequence().map_err(fail)?;
+    lm.extend_last(&mut seq, &vec![0; prefill], 1)
+        .map_err(fail)?;
+    lm.extend(&mut seq, &vec![0; block]).map_err(fail)?;
+    seq.truncate(prefill).map_err(fail)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
 /// The `target-service` command: serves `args` until SIGTERM or Ctrl-C.
 pub fn main(args: &Args) -> std::process::ExitCode {
     duo_rpc::serve::run_main("target-service", &args.common, |listener| {
@@ -272,6 +319,7 @@ pub async fn serve(
         .await;
     let svc = TargetService {
         loaded: Arc::new(OnceLock::new()),
+        kv: Arc::new(OnceLock::new()),
         limiter: args.sessions.limiter("duo_target_sessions_open"),
         ttl: args.sessions.ttl(),
         cpu_core: args.cpu_core,
@@ -287,14 +335,30 @@ pub async fn serve(
             ort_lib: args.ort_lib.clone(),
         };
         let max = args.sessions.max_sessions;
+        let budget_mib = args.kv_budget_mib;
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             let devices = devices::describe(opts.device)?;
             let worker = LoadedWorker::load("target", &model, &tok_path, &opts, devices, max)?;
+            let warm_secs = warm_up(&worker)?;
+            let budget = match budget_mib {
+                Some(mib) => mib << 20,
+                None => kv_budget::measured_default(opts.device).ok_or_else(|| {
+                    format!(
+                        "could not measure the free memory of {}: pass --kv-budget-mib",
+                        opts.device
+                    )
+                })?,
+            };
+            let info = worker.lm().info().clone();
             tracing::info!(
-                provider = worker.lm().info().provider,
+                provider = info.provider,
                 devices = ?worker.info.devices,
-                "target model loaded"
+                warm_up_ms = warm_secs * 1e3,
+                kv_budget_mib = budget >> 20,
+                kv_bytes_per_token = kv_budget::bytes_per_token(&info),
+                "target model loaded and warmed up"
             );
+            let _ = svc.kv.set(kv_budget::KvBudget::new(budget, &info));
             let _ = svc.loaded.set(worker);
             Ok(())
         })

@@ -171,7 +171,7 @@ impl Drafter {
             self.unfed.push(self.seq.tokens()[n - 1]);
             self.seq.truncate(n - 1)?;
         }
-        let logits = lm.extend(&mut self.seq, &self.unfed)?;
+        let logits = lm.extend_last(&mut self.seq, &self.unfed, 1)?;
         self.unfed.clear();
         Ok(logits.last().to_vec())
     }

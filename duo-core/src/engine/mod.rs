@@ -139,7 +139,7 @@ impl Engine {
     /// call was: divergences between modes are legitimate only at near-ties).
     pub fn target_top2_gap(&mut self, context: &[u32]) -> Result<f32, EngineError> {
         let mut seq = self.target.sequence()?;
-        let logits = self.target.extend(&mut seq, context)?;
+        let logits = self.target.extend_last(&mut seq, context, 1)?;
         let mut row = logits.last().to_vec();
         row.sort_unstable_by(|a, b| b.total_cmp(a));
         Ok(row.first().copied().unwrap_or(0.0) - row.get(1).copied().unwrap_or(0.0))

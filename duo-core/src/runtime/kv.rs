@@ -1,31 +1,40 @@
 //! KV-cache state: [`Sequence`] (one context) and [`Branches`] (k
 //! continuations of one context, run as a batch).
 //!
-//! The cache is kept as ONNX Runtime values between runs: each forward's
-//! `present.*` outputs are moved in and fed back as `past_key_values.*`
-//! without a copy. Only structural edits copy: truncation (rollback),
-//! forking k branches, and keeping one branch.
+//! The cache is kept as ONNX Runtime values on the model's device between
+//! runs: each forward's `present.*` outputs are bound to device memory,
+//! moved in, and bound back as `past_key_values.*` next run, so the cache
+//! never crosses to the host. Structural edits (truncation for rollback,
+//! forking k branches, keeping one branch) run on the device too, through
+//! the model's [`Editor`] graphs (`runtime::edit`).
 
-use ndarray::{Axis, Slice};
-use ort::value::PrimitiveTensorElementType;
+use std::sync::Arc;
+
 use ort::value::{DynValue, Tensor};
 
 use super::RuntimeError;
+use super::edit::Editor;
 use super::model::{KvDType, ModelInfo};
 
 /// The KV tensors of a batch of equal-length contexts.
 ///
 /// Invariants: `values` holds key and value for every layer
-/// (`2 * num_layers` tensors, each `[batch, kv_heads, len, head_dim]`).
+/// (`2 * num_layers` tensors, each `[batch, kv_heads, len, head_dim]`), all
+/// on the editor's device (the empty cache of a new sequence excepted: it
+/// has no elements to place).
 pub(crate) struct KvCache {
     pub(crate) values: Vec<DynValue>,
     batch: usize,
     len: usize,
-    dtype: KvDType,
+    editor: Arc<Editor>,
 }
 
 impl KvCache {
-    pub(crate) fn empty(info: &ModelInfo, batch: usize) -> Result<Self, RuntimeError> {
+    pub(crate) fn empty(
+        info: &ModelInfo,
+        batch: usize,
+        editor: Arc<Editor>,
+    ) -> Result<Self, RuntimeError> {
         let shape = [batch, info.kv_heads, 0, info.head_dim];
         let values = (0..2 * info.num_layers)
             .map(|_| -> Result<DynValue, RuntimeError> {
@@ -41,7 +50,7 @@ impl KvCache {
             values,
             batch,
             len: 0,
-            dtype: info.kv_dtype,
+            editor,
         })
     }
 
@@ -56,7 +65,7 @@ impl KvCache {
         if n >= self.len {
             return Ok(());
         }
-        self.values = self.edit(&Edit::Truncate(n))?;
+        self.values = self.editor.slice(&self.values, 0..self.batch, n)?;
         self.len = n;
         Ok(())
     }
@@ -64,10 +73,10 @@ impl KvCache {
     /// A cache of `k` rows, each a copy of row 0.
     fn tile(&self, k: usize) -> Result<Self, RuntimeError> {
         Ok(Self {
-            values: self.edit(&Edit::Tile(k))?,
+            values: self.editor.tile(&self.values, k)?,
             batch: k,
             len: self.len,
-            dtype: self.dtype,
+            editor: Arc::clone(&self.editor),
         })
     }
 
@@ -81,50 +90,11 @@ impl KvCache {
         }
         let n = n.min(self.len);
         Ok(Self {
-            values: self.edit(&Edit::Select { row, n })?,
+            values: self.editor.slice(&self.values, row..row + 1, n)?,
             batch: 1,
             len: n,
-            dtype: self.dtype,
+            editor: Arc::clone(&self.editor),
         })
-    }
-
-    fn edit(&self, e: &Edit) -> Result<Vec<DynValue>, RuntimeError> {
-        self.values
-            .iter()
-            .map(|v| match self.dtype {
-                KvDType::F32 => e.apply::<f32>(v),
-                KvDType::F16 => e.apply::<half::f16>(v),
-            })
-            .collect()
-    }
-}
-
-/// A structural edit of one `[batch, kv_heads, len, head_dim]` tensor.
-enum Edit {
-    Truncate(usize),
-    Tile(usize),
-    Select { row: usize, n: usize },
-}
-
-impl Edit {
-    fn apply<T: PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
-        &self,
-        v: &DynValue,
-    ) -> Result<DynValue, RuntimeError> {
-        let a = v.try_extract_array::<T>()?;
-        let out = match *self {
-            Edit::Truncate(n) => a.slice_axis(Axis(2), Slice::from(..n)).to_owned(),
-            Edit::Tile(k) => {
-                let row = a.slice_axis(Axis(0), Slice::from(0..1));
-                ndarray::concatenate(Axis(0), &vec![row; k])
-                    .map_err(|e| RuntimeError::Invalid(format!("tiling the KV cache: {e}")))?
-            }
-            Edit::Select { row, n } => a
-                .slice_axis(Axis(0), Slice::from(row..row + 1))
-                .slice_axis(Axis(2), Slice::from(..n))
-                .to_owned(),
-        };
-        Ok(Tensor::from_array(out.as_standard_layout().into_owned())?.into_dyn())
     }
 }
 

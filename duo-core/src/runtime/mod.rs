@@ -4,15 +4,19 @@
 //! - [`model`]: [`CausalLm`], a model in the Hugging Face Optimum convention
 //!   whose shape (layers, KV heads, head dim, KV dtype, vocabulary) is
 //!   discovered from the graph.
+//! - [`edit`]: the cache's structural edits and the logits-row selection,
+//!   run as small graphs on the model's own device, and the binding code
+//!   every run goes through (the cache never leaves the device).
 //! - [`kv`]: [`Sequence`] (one context and its cache: append, truncate) and
 //!   [`Branches`] (k continuations forked from one sequence, run as a batch).
 
+pub mod edit;
 pub mod env;
 pub mod kv;
 pub mod model;
 
 pub use kv::{Branches, Sequence};
-pub use model::{CausalLm, Device, Logits, ModelInfo, ModelOptions};
+pub use model::{CausalLm, Device, HostTraffic, Logits, ModelInfo, ModelOptions};
 
 /// Errors of the model runtime. Messages say what is missing and how to fix it.
 #[derive(Debug, thiserror::Error)]

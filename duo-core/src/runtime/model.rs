@@ -8,14 +8,18 @@
 //! vocabulary size are read from the graph (falling back to the
 //! `config.json` beside the model for dimensions the graph leaves dynamic).
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use super::RuntimeError;
+use super::edit::{Editor, Placement, run_bound};
 use super::kv::{Branches, KvCache, Sequence};
+use crate::onnx_graph::onnx::tensor_proto::DataType as OnnxType;
 
 /// Where a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +104,9 @@ pub struct ModelInfo {
 pub struct Logits {
     data: Vec<f32>,
     vocab: usize,
+    /// Bytes these rows took in host memory as the model delivered them
+    /// (half of `data`'s size for fp16 logits).
+    host_bytes: usize,
 }
 
 impl Logits {
@@ -126,6 +133,23 @@ pub struct CausalLm {
     info: ModelInfo,
     past_names: Vec<String>,
     present_names: Vec<String>,
+    editor: Arc<Editor>,
+    traffic: HostTraffic,
+}
+
+/// What crossed between host memory and the model's device, counted since
+/// the model loaded. On the CPU execution provider nothing crosses a bus,
+/// but the same code path runs and counts what would: the token ids, mask
+/// and positions it binds from host memory, and the logits rows it delivers
+/// there. The KV cache never counts: it stays on the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HostTraffic {
+    /// Model forwards run.
+    pub forwards: u64,
+    /// Bytes bound from host memory as model inputs (ids, mask, positions).
+    pub to_device_bytes: u64,
+    /// Bytes of logits delivered to host memory.
+    pub to_host_bytes: u64,
 }
 
 impl std::fmt::Debug for CausalLm {
@@ -166,35 +190,40 @@ impl CausalLm {
         let config = read_config(&file);
         let env = super::env::init(opts.ort_lib.as_deref())?;
         let threads = opts.intra_threads.max(1);
-        let builder_err =
-            |e: ort::Error<ort::session::builder::SessionBuilder>| RuntimeError::Ort(e.to_string());
-        let mut builder = Session::builder(&env)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(builder_err)?
-            .with_intra_threads(threads)
-            .map_err(builder_err)?
-            .with_inter_threads(1)
-            .map_err(builder_err)?
-            // ONNX Runtime's own messages go through `tracing`; below Warning
-            // they are formatted on every run, which costs real time.
-            .with_log_level(ort::logging::LogLevel::Warning)
-            .map_err(builder_err)?;
         let provider = match opts.device {
             Device::Cpu => "CPU",
-            Device::Cuda(ordinal) => {
-                builder = with_cuda(builder, ordinal)?;
-                "CUDA"
-            }
+            Device::Cuda(_) => "CUDA",
         };
-        let session = builder.commit_from_file(&file).map_err(|e| match opts.device {
-            Device::Cuda(_) => RuntimeError::Provider {
-                provider: "CUDA".into(),
-                reason: format!("{e} (needs the onnxruntime-gpu library via ORT_DYLIB_PATH/--ort-lib and a CUDA 13 driver)"),
-            },
-            Device::Cpu => RuntimeError::Ort(format!("loading {}: {e}", file.display())),
-        })?;
+        let session = builder(&env, opts.device, threads)?
+            .commit_from_file(&file)
+            .map_err(|e| match opts.device {
+                Device::Cuda(_) => RuntimeError::Provider {
+                    provider: "CUDA".into(),
+                    reason: format!("{e} (needs the onnxruntime-gpu library via ORT_DYLIB_PATH/--ort-lib and a CUDA 13 driver)"),
+                },
+                Device::Cpu => RuntimeError::Ort(format!("loading {}: {e}", file.display())),
+            })?;
         let (info, past_names, present_names) =
             discover(&session, &file, &config, provider, threads)?;
+        let kv_type = match info.kv_dtype {
+            KvDType::F32 => OnnxType::Float,
+            KvDType::F16 => OnnxType::Float16,
+        };
+        let logits_type = match output_type(&session, "logits") {
+            Some(TensorElementType::Float16) => OnnxType::Float16,
+            _ => OnnxType::Float,
+        };
+        let editor = Editor::new(
+            past_names.len(),
+            kv_type as i32,
+            logits_type as i32,
+            Placement::new(opts.device)?,
+            |graph| {
+                builder(&env, opts.device, 1)?
+                    .commit_from_memory(graph)
+                    .map_err(|e| RuntimeError::Ort(format!("loading a cache-edit graph: {e}")))
+            },
+        )?;
         tracing::info!(
             model = %file.display(),
             provider,
@@ -210,7 +239,14 @@ impl CausalLm {
             info,
             past_names,
             present_names,
+            editor: Arc::new(editor),
+            traffic: HostTraffic::default(),
         })
+    }
+
+    /// Host traffic since the model loaded.
+    pub fn host_traffic(&self) -> HostTraffic {
+        self.traffic
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -219,20 +255,37 @@ impl CausalLm {
 
     /// An empty sequence (no context yet).
     pub fn sequence(&self) -> Result<Sequence, RuntimeError> {
-        Ok(Sequence::new(KvCache::empty(&self.info, 1)?))
+        Ok(Sequence::new(KvCache::empty(
+            &self.info,
+            1,
+            Arc::clone(&self.editor),
+        )?))
     }
 
     /// Feeds `tokens` after the sequence's context; returns one row of logits
     /// per fed token (row i predicts the token after `tokens[i]`). On error
     /// the sequence is unchanged.
     pub fn extend(&mut self, seq: &mut Sequence, tokens: &[u32]) -> Result<Logits, RuntimeError> {
+        self.extend_last(seq, tokens, tokens.len())
+    }
+
+    /// [`Self::extend`], returning only the logits of the last `rows` fed
+    /// tokens (clamped to `1..=tokens.len()`): only those rows reach host
+    /// memory (a prefill needs one, a verification of m drafted tokens m+1).
+    pub fn extend_last(
+        &mut self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        rows: usize,
+    ) -> Result<Logits, RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::Invalid(
                 "extend needs at least one token".into(),
             ));
         }
         let past_len = seq.len();
-        let (logits, present) = self.run(&seq.kv, tokens, 1, tokens.len(), past_len)?;
+        let rows = rows.clamp(1, tokens.len());
+        let (logits, present) = self.run(&seq.kv, tokens, 1, tokens.len(), past_len, rows)?;
         seq.kv.replace(present, past_len + tokens.len());
         seq.tokens.extend_from_slice(tokens);
         Ok(logits)
@@ -253,7 +306,7 @@ impl CausalLm {
             )));
         }
         let past_len = br.len();
-        let (logits, present) = self.run(&br.kv, tokens, tokens.len(), 1, past_len)?;
+        let (logits, present) = self.run(&br.kv, tokens, tokens.len(), 1, past_len, 1)?;
         br.kv.replace(present, past_len + 1);
         for (row, &t) in br.rows.iter_mut().zip(tokens) {
             row.push(t);
@@ -261,6 +314,11 @@ impl CausalLm {
         Ok(logits)
     }
 
+    /// One forward of `batch` rows of `seq` new tokens after `past_len`
+    /// cached positions: the cache is bound where it lives and the new one
+    /// stays on the device; the logits of the last `rows` positions of every
+    /// batch row are delivered to host memory (directly when that is all of
+    /// them, else selected on the device first).
     fn run(
         &mut self,
         kv: &KvCache,
@@ -268,6 +326,7 @@ impl CausalLm {
         batch: usize,
         seq: usize,
         past_len: usize,
+        rows: usize,
     ) -> Result<(Logits, Vec<DynValue>), RuntimeError> {
         if let Some(ctx) = self.info.context_len
             && past_len + seq > ctx
@@ -285,50 +344,96 @@ impl CausalLm {
         }
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let total = past_len + seq;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
-            Vec::with_capacity(3 + kv.values.len());
-        inputs.push((
-            "input_ids".into(),
-            Tensor::from_array(([batch, seq], ids))?.into(),
-        ));
-        inputs.push((
-            "attention_mask".into(),
-            Tensor::from_array(([batch, total], vec![1i64; batch * total]))?.into(),
-        ));
-        if self.info.has_position_ids {
+        let ids = Tensor::from_array(([batch, seq], ids))?.into_dyn();
+        let mask = Tensor::from_array(([batch, total], vec![1i64; batch * total]))?.into_dyn();
+        let mut host_inputs = batch * (seq + total);
+        let positions = if self.info.has_position_ids {
             let pos: Vec<i64> = (0..batch)
                 .flat_map(|_| (past_len as i64)..(total as i64))
                 .collect();
-            inputs.push((
-                "position_ids".into(),
-                Tensor::from_array(([batch, seq], pos))?.into(),
-            ));
+            host_inputs += pos.len();
+            Some(Tensor::from_array(([batch, seq], pos))?.into_dyn())
+        } else {
+            None
+        };
+        let mut inputs: Vec<(&str, &DynValue)> = Vec::with_capacity(3 + kv.values.len());
+        inputs.push(("input_ids", &ids));
+        inputs.push(("attention_mask", &mask));
+        if let Some(p) = &positions {
+            inputs.push(("position_ids", p));
         }
         for (name, v) in self.past_names.iter().zip(&kv.values) {
-            inputs.push((name.as_str().into(), v.into()));
+            inputs.push((name.as_str(), v));
         }
-        let mut out = self.session.run(inputs)?;
-        let logits = match out.get("logits") {
-            Some(v) => extract_logits(v, self.info.vocab_size)?,
-            None => {
-                return Err(RuntimeError::Ort(
-                    "model produced no `logits` output".into(),
-                ));
-            }
+        let placement = self.editor.placement();
+        let all_rows = rows >= seq;
+        let logits_to = if all_rows {
+            &placement.host
+        } else {
+            &placement.device
         };
-        let mut present = Vec::with_capacity(self.present_names.len());
+        let mut outputs: Vec<(&str, &ort::memory::MemoryInfo<'_>)> =
+            Vec::with_capacity(1 + self.present_names.len());
+        outputs.push(("logits", logits_to));
         for name in &self.present_names {
-            match out.remove(name.as_str()) {
-                Some(v) => present.push(v),
-                None => {
-                    return Err(RuntimeError::Ort(format!(
-                        "model produced no `{name}` output"
-                    )));
-                }
-            }
+            outputs.push((name.as_str(), &placement.device));
         }
+        let mut out = run_bound(&mut self.session, &inputs, &outputs)?.into_iter();
+        let Some(logits) = out.next() else {
+            return Err(RuntimeError::Ort(
+                "model produced no `logits` output".into(),
+            ));
+        };
+        let present: Vec<DynValue> = out.collect();
+        let logits = if all_rows {
+            logits
+        } else {
+            self.editor.logit_rows(&logits, seq - rows, seq)?
+        };
+        let logits = extract_logits(&logits, self.info.vocab_size)?;
+        self.traffic.forwards += 1;
+        self.traffic.to_device_bytes += (host_inputs * std::mem::size_of::<i64>()) as u64;
+        self.traffic.to_host_bytes += logits.host_bytes as u64;
         Ok((logits, present))
     }
+}
+
+/// A session builder for `device` with the runtime's settings: full graph
+/// optimisation, `threads` intra-op threads, and the CUDA execution provider
+/// (error on failure, never a silent CPU fallback) for a CUDA device.
+fn builder(
+    env: &Environment,
+    device: Device,
+    threads: usize,
+) -> Result<SessionBuilder, RuntimeError> {
+    let builder_err = |e: ort::Error<SessionBuilder>| RuntimeError::Ort(e.to_string());
+    let builder = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(builder_err)?
+        .with_intra_threads(threads)
+        .map_err(builder_err)?
+        .with_inter_threads(1)
+        .map_err(builder_err)?
+        // ONNX Runtime's own messages go through `tracing`; below Warning
+        // they are formatted on every run, which costs real time.
+        .with_log_level(ort::logging::LogLevel::Warning)
+        .map_err(builder_err)?;
+    match device {
+        Device::Cpu => Ok(builder),
+        Device::Cuda(ordinal) => with_cuda(builder, ordinal),
+    }
+}
+
+/// The element type of a graph output, if it is a tensor.
+fn output_type(session: &Session, name: &str) -> Option<TensorElementType> {
+    session
+        .outputs()
+        .iter()
+        .find(|o| o.name() == name)
+        .and_then(|o| match o.dtype() {
+            ValueType::Tensor { ty, .. } => Some(*ty),
+            _ => None,
+        })
 }
 
 #[cfg(feature = "cuda")]
@@ -362,11 +467,14 @@ fn with_cuda(
 }
 
 fn extract_logits(v: &DynValue, vocab: usize) -> Result<Logits, RuntimeError> {
-    let data = match v.try_extract_tensor::<f32>() {
-        Ok((_, d)) => d.to_vec(),
+    let (data, host_bytes) = match v.try_extract_tensor::<f32>() {
+        Ok((_, d)) => (d.to_vec(), std::mem::size_of_val(d)),
         Err(_) => {
             let (_, d) = v.try_extract_tensor::<half::f16>()?;
-            d.iter().map(|x| x.to_f32()).collect()
+            (
+                d.iter().map(|x| x.to_f32()).collect(),
+                std::mem::size_of_val(d),
+            )
         }
     };
     if vocab == 0 || data.len() % vocab != 0 {
@@ -375,7 +483,11 @@ fn extract_logits(v: &DynValue, vocab: usize) -> Result<Logits, RuntimeError> {
             data.len()
         )));
     }
-    Ok(Logits { data, vocab })
+    Ok(Logits {
+        data,
+        vocab,
+        host_bytes,
+    })
 }
 
 fn read_config(model_file: &Path) -> HfConfig {
