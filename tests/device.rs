@@ -1,0 +1,127 @@
+//! What a GPU target runs, proven on CPU:
+//! - the fp16 export of the bundled target (made by `models/onnx_llama.py`
+//!   from its fp16 safetensors: fp16 weights, KV cache and logits, fp16
+//!   arithmetic) runs through the same runtime, with its cache edits, and
+//!   decodes like the fp32 model up to fp16 near-ties;
+//! - `scripts/gpu-check.sh --cpu`, the one-shot GPU check in its CPU mode.
+//!
+//! Both need a Python with `onnx` and `numpy` (`models/requirements-onnx.txt`;
+//! the GPU check also `onnxruntime`): `DUO_PYTHON`, else `python3`. Without
+//! them the tests are skipped, unless DUO_REQUIRE_ONNX_PYTHON=1 (as in CI).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use duo_core::runtime::{CausalLm, ModelOptions, model::KvDType};
+use duo_core::sampling::argmax;
+
+/// fp16 greedy may leave fp32 greedy only where fp32's top two logits are
+/// closer than this: fp16 logits of the bundled target differ from fp32's by
+/// at most ~1.3e-2 (measured, models/README.md), so a gap under 4x that can
+/// flip; a wider one may not.
+const FP16_NEAR_TIE_GAP: f32 = 0.05;
+
+fn python(modules: &str) -> Option<String> {
+    let python = std::env::var("DUO_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        std::env::var("DUO_REQUIRE_ONNX_PYTHON").is_err(),
+        "`{python} -c 'import {modules}'` failed: pip install -r models/requirements-onnx.txt"
+    );
+    eprintln!("skipped: Python lacks {modules} (pip install -r models/requirements-onnx.txt)");
+    None
+}
+
+fn fp16_target(python: &str) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("target-f16");
+    let m = common::models();
+    let status = Command::new(python)
+        .arg(m.join("onnx_llama.py"))
+        .arg("--weights")
+        .arg(m.join("target/model.safetensors"))
+        .args(["--dtype", "f16", "--out"])
+        .arg(&out)
+        .status()
+        .expect("python runs");
+    assert!(status.success(), "models/onnx_llama.py failed");
+    out
+}
+
+fn greedy(lm: &mut CausalLm, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut seq = lm.sequence().unwrap();
+    let mut row = lm.extend_last(&mut seq, prompt, 1).unwrap().last().to_vec();
+    let (mut out, mut rows) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = argmax(&row);
+        out.push(t);
+        rows.push(row);
+        row = lm.extend(&mut seq, &[t]).unwrap().last().to_vec();
+    }
+    (out, rows)
+}
+
+fn top2_gap(row: &[f32]) -> f32 {
+    let mut r = row.to_vec();
+    r.sort_unstable_by(|a, b| b.total_cmp(a));
+    r[0] - r[1]
+}
+
+#[test]
+fn fp16_target_runs_through_the_runtime_and_decodes_like_fp32() {
+    let Some(python) = python("onnx, numpy") else {
+        return;
+    };
+    let dir = fp16_target(&python);
+    let opts = ModelOptions::default();
+    let mut f16 = CausalLm::load(&dir, &opts).unwrap();
+    let mut f32 = CausalLm::load(&common::models().join("target"), &opts).unwrap();
+    assert_eq!(f16.info().kv_dtype, KvDType::F16);
+    assert_eq!(f16.info().vocab_size, f32.info().vocab_size);
+
+    let prompts: Vec<Vec<u32>> = common::spec_bench(2)
+        .iter()
+        .map(|p| common::encode(p).into_iter().take(48).collect())
+        .collect();
+    let (mut same, mut total, mut diverged) = (0, 0, 0);
+    for p in &prompts {
+        let (want, rows) = greedy(&mut f32, p, 32);
+        let (got, _) = greedy(&mut f16, p, 32);
+        total += want.len();
+        same += want.iter().zip(&got).take_while(|(a, b)| a == b).count();
+        if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
+            diverged += 1;
+            let gap = top2_gap(&rows[i]);
+            assert!(
+                gap < FP16_NEAR_TIE_GAP,
+                "fp16 left fp32 greedy at token {i} where fp32's top-2 gap is {gap} (not a near-tie)"
+            );
+        }
+    }
+    let agreement = same as f64 / total as f64;
+    eprintln!(
+        "fp16 vs fp32 greedy: {same}/{total} tokens before the first divergence ({agreement:.3}), {diverged}/{} prompts diverged (all at near-ties < {FP16_NEAR_TIE_GAP})",
+        prompts.len()
+    );
+
+    // The cache edits work on fp16 caches: rollback equals never feeding.
+    let p = &prompts[0];
+    let mut fresh = f16.sequence().unwrap();
+    f16.extend(&mut fresh, p).unwrap();
+    let want = f16.extend(&mut fresh, &[42]).unwrap();
+    let mut rolled = f16.sequence().unwrap();
+    f16.extend(&mut rolled, p).unwrap();
+    f16.extend(&mut rolled, &[5, 6, 7]).unwrap();
+    rolled.truncate(p.len()).unwrap();
+    let got = f16.extend(&mut rolled, &[42]).unwrap();
+    assert_eq!(got.last(), want.last());
+    let kept = rolled.fork(3).unwrap().keep(1, 0).unwrap();
+    assert_eq!(kept.len(), p.len() + 1);
+}
