@@ -1,5 +1,6 @@
 //! `duo bench`: the three modes on the same prompts, in one process, greedy.
-//! The last line of output is one JSON object (see the README).
+//! The last line of output is one JSON object (see the README). Also the
+//! sampling benchmark of `duo bench-runtime --sampling` ([`sampling`]).
 
 use std::path::{Path, PathBuf};
 
@@ -222,7 +223,11 @@ pub(crate) fn cost_structure(
         ..ModelOptions::default()
     };
     let median_ms = |lm: &mut CausalLm, tokens: usize| forward_ms(lm, tokens, 5, 20);
-    let mut target = CausalLm::load(&cfg.target, &opts)?;
+    let target_opts = ModelOptions {
+        device: cfg.target_device,
+        ..opts.clone()
+    };
+    let mut target = CausalLm::load(&cfg.target, &target_opts)?;
     let t1 = median_ms(&mut target, 1)?;
     let t8 = median_ms(&mut target, 8)?;
     let t16 = median_ms(&mut target, 16)?;
@@ -569,4 +574,149 @@ fn run_grpc(
         );
     }
     Ok((totals, identical))
+}
+
+/// Settings of the sampling benchmark (`duo bench-runtime --sampling`).
+mod sampling_setup {
+    /// Distinct synthetic rows, cycled (fresh rows, as a model's logits are).
+    pub const ROWS: usize = 64;
+    /// Untimed calls before the timed ones.
+    pub const WARMUP: usize = 100;
+    /// Timed `distribution` + `sample` calls.
+    pub const TIMED: usize = 2000;
+    /// The rows are standard normal logits, all scaled by one factor chosen
+    /// so that their softmax at temperature 1 has this entropy on average
+    /// (a language model's next-token entropy is typically a few nats).
+    pub const ENTROPY_NATS: f64 = 3.0;
+    /// Seed of the synthetic rows and of the sampling RNG.
+    pub const SEED: u64 = 0x5eed;
+}
+
+/// `duo bench-runtime --sampling`: milliseconds per row of
+/// [`duo_core::sampling::SamplingParams::distribution`] followed by
+/// [`duo_core::sampling::Distribution::sample`] on synthetic logit rows
+/// (see [`sampling_setup`]). Prints one JSON object as its last line.
+pub(crate) fn sampling(
+    params: &duo_core::sampling::SamplingParams,
+    vocab: usize,
+) -> anyhow::Result<()> {
+    use sampling_setup::{ENTROPY_NATS, ROWS, SEED, TIMED, WARMUP};
+    params.validate()?;
+    if vocab == 0 {
+        bail!("--vocab must be at least 1");
+    }
+    let normals = normals(SEED, ROWS * vocab);
+    let scale = scale_for_entropy(&normals, vocab, ENTROPY_NATS);
+    let rows: Vec<Vec<f32>> = normals
+        .chunks_exact(vocab)
+        .map(|r| r.iter().map(|&g| (g * scale) as f32).collect())
+        .collect();
+    let entropy = mean_entropy(&normals, vocab, scale);
+    let mut rng = duo_core::sampling::rng_from_seed(SEED);
+    let mut support = 0usize;
+    for row in rows.iter().cycle().take(WARMUP) {
+        std::hint::black_box(params.distribution(row).sample(&mut rng));
+    }
+    let start = std::time::Instant::now();
+    for row in rows.iter().cycle().take(TIMED) {
+        let d = params.distribution(std::hint::black_box(row));
+        support += d.entries().len();
+        std::hint::black_box(d.sample(&mut rng));
+    }
+    let ms_per_row = start.elapsed().as_secs_f64() * 1e3 / TIMED as f64;
+    eprintln!(
+        "sampling: {ms_per_row:.4} ms per row (vocab {vocab}, temperature {}, top_p {}, top_k {}; \
+         normal logits x {scale:.3}, softmax entropy {entropy:.2} nats at temperature 1; \
+         mean support {:.1} tokens)",
+        params.temperature,
+        params.top_p,
+        params.top_k,
+        support as f64 / TIMED as f64
+    );
+    println!(
+        "{}",
+        json!({
+            "bench": "sampling",
+            "ms_per_row": ms_per_row,
+            "vocab": vocab,
+            "temperature": f32_json(params.temperature),
+            "top_p": f32_json(params.top_p),
+            "top_k": params.top_k,
+            "rows": TIMED,
+            "distinct_rows": ROWS,
+            "logits": "standard normal x logit_scale",
+            "logit_scale": scale,
+            "entropy_nats_t1": entropy,
+            "mean_support": support as f64 / TIMED as f64,
+            "machine": machine(),
+        })
+    );
+    Ok(())
+}
+
+/// `n` standard normal draws from `seed` (SplitMix64 and Box-Muller): the
+/// same rows on every run and platform, without an RNG crate.
+fn normals(seed: u64, n: usize) -> Vec<f64> {
+    let mut state = seed;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // (0, 1]: the logarithm below stays finite.
+        ((z >> 11) + 1) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u, v) = (uniform(), uniform());
+            (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+        })
+        .collect()
+}
+
+/// Entropy in nats of softmax(`logits`) at temperature 1.
+fn entropy_t1(logits: impl Iterator<Item = f64> + Clone) -> f64 {
+    let max = logits.clone().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = logits.clone().map(|l| (l - max).exp()).sum();
+    -logits
+        .map(|l| (l - max).exp() / z)
+        .filter(|&p| p > 0.0)
+        .map(|p| p * p.ln())
+        .sum::<f64>()
+}
+
+/// Mean entropy (nats, temperature 1) of softmax(`s` x row) over the rows
+/// of `g` (`vocab` values each).
+fn mean_entropy(g: &[f64], vocab: usize, s: f64) -> f64 {
+    let rows = g.chunks_exact(vocab);
+    let n = rows.len().max(1) as f64;
+    rows.map(|r| entropy_t1(r.iter().map(|&x| f64::from((x * s) as f32))))
+        .sum::<f64>()
+        / n
+}
+
+/// The factor `s` for which softmax(`s` x row) has `nats` of entropy on
+/// average over the rows of `g` (bisection; the entropy falls as `s`
+/// grows). 0 when `nats` is at least ln(vocab), which only the uniform
+/// distribution reaches.
+fn scale_for_entropy(g: &[f64], vocab: usize, nats: f64) -> f64 {
+    let (mut lo, mut hi) = (0.0, 64.0);
+    if mean_entropy(g, vocab, lo) <= nats {
+        return 0.0;
+    }
+    for _ in 0..30 {
+        let mid = 0.5 * (lo + hi);
+        if mean_entropy(g, vocab, mid) > nats {
+            lo = mid
+        } else {
+            hi = mid
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// `x` in JSON as it was written (0.7, not 0.699999988).
+fn f32_json(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
 }

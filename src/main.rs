@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod load;
+mod runtime_sweep;
 mod up;
 
 use std::io::Write;
@@ -35,7 +36,8 @@ enum Command {
     /// Start target-service, draft-service and orchestrator locally (Ctrl-C stops them).
     Up(up::UpArgs),
     /// Greedy autoregressive tokens/s of each model through the Rust runtime
-    /// (the same loop the model card times with Python onnxruntime).
+    /// (the same loop the model card times with Python onnxruntime); with
+    /// `--sampling`, the cost of logits processing and sampling per row.
     BenchRuntime(RuntimeBenchArgs),
     /// Throughput and latency under concurrent clients against a running
     /// orchestrator (see docs/benchmark.md).
@@ -60,6 +62,35 @@ struct RuntimeBenchArgs {
     /// Runs per model; the best is reported (as in the model card).
     #[arg(long, default_value_t = 10)]
     runs: usize,
+    /// Time logits processing and sampling (`SamplingParams::distribution`
+    /// then `Distribution::sample`) on synthetic logit rows instead; no
+    /// model is loaded.
+    #[arg(long)]
+    sampling: bool,
+    /// Vocabulary size of the synthetic rows (with --sampling).
+    #[arg(long, default_value_t = 32000)]
+    vocab: usize,
+    /// Temperature (with --sampling); 0 = greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Top-p (with --sampling); 1 = off.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Top-k (with --sampling); 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Time the target's forwards against context instead: ms per forward
+    /// of each --blocks size on a past of each of these lengths (e.g.
+    /// 128,1024,2048), on --device, with host bytes per step and cache-edit
+    /// costs (`scripts/ort_iobinding_loop.py` measures the same in Python).
+    #[arg(long, value_delimiter = ',')]
+    contexts: Vec<usize>,
+    /// New tokens per timed forward (with --contexts).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
+    blocks: Vec<usize>,
+    /// Timed forwards per point (with --contexts); the median is reported.
+    #[arg(long, default_value_t = 30)]
+    reps: usize,
 }
 
 /// Where the models are and how to run them.
@@ -295,10 +326,30 @@ pub fn stats_line(g: &duo_core::engine::Generation) -> String {
 }
 
 /// Greedy decoding loop straight on the runtime: prefill the card's first
-/// fixture prompt, then one token per forward.
+/// fixture prompt, then one token per forward. With `--sampling`, the
+/// sampling benchmark instead ([`bench::sampling`]).
 fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
     use duo_core::runtime::{CausalLm, ModelOptions};
+    if a.sampling {
+        let params = SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+        };
+        return bench::sampling(&params, a.vocab);
+    }
     let cfg = a.models.config()?;
+    if !a.contexts.is_empty() {
+        let opts = ModelOptions {
+            device: cfg.target_device,
+            intra_threads: a.models.target_threads,
+            ort_lib: cfg.ort_lib.clone(),
+        };
+        let mut lm = CausalLm::load(&cfg.target, &opts)?;
+        let report = runtime_sweep::sweep(&mut lm, &a.contexts, &a.blocks, a.reps)?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(a.models.models.join("fixtures/target.json"))
             .context("reading the fixture prompt")?,
@@ -309,11 +360,14 @@ fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
     )
     .unwrap_or_default();
     let mut report = serde_json::Map::new();
-    for (name, path) in [("target", &cfg.target), ("draft", &cfg.draft)] {
+    for (name, path, device) in [
+        ("target", &cfg.target, cfg.target_device),
+        ("draft", &cfg.draft, duo_core::runtime::Device::Cpu),
+    ] {
         let opts = ModelOptions {
+            device,
             intra_threads: 1,
             ort_lib: cfg.ort_lib.clone(),
-            ..ModelOptions::default()
         };
         let mut lm = CausalLm::load(path, &opts)?;
         let mut best = 0f64;

@@ -125,3 +125,48 @@ fn fp16_target_runs_through_the_runtime_and_decodes_like_fp32() {
     let kept = rolled.fork(3).unwrap().keep(1, 0).unwrap();
     assert_eq!(kept.len(), p.len() + 1);
 }
+
+/// `scripts/gpu-check.sh --cpu`: the GPU check's every step (random target
+/// and draft made on the spot, the Rust forward sweep, the Python IOBinding
+/// reference on the same file, AR/SpS/Duo with greedy identity), small and
+/// on CPU, so the script is ready for the first machine with a GPU.
+#[test]
+fn gpu_check_script_runs_in_cpu_mode() {
+    let Some(python) = python("onnx, numpy, onnxruntime") else {
+        return;
+    };
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gpu-check");
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gpu-check-work");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = Command::new("bash")
+        .arg(root.join("scripts/gpu-check.sh"))
+        .arg("--cpu")
+        .arg(&out)
+        .env("DUO_BIN", env!("CARGO_BIN_EXE_duo"))
+        .env("DUO_PYTHON", &python)
+        .env("DUO_GPU_CHECK_WORK", &work)
+        .env("RUST_LOG", "warn,ort=error")
+        .status()
+        .expect("bash runs");
+    assert!(status.success(), "scripts/gpu-check.sh --cpu failed");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("gpu-check.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["mode"], "cpu");
+    assert_eq!(
+        report["modes"]["headline"]["identical"], true,
+        "modes diverged"
+    );
+    for ctx in ["128", "512"] {
+        for block in ["+1_ms", "+8_ms"] {
+            assert!(report["rust_runtime"]["contexts"][ctx][block].is_number());
+            assert!(report["python_iobinding"]["contexts"][ctx][block].is_number());
+            assert!(report["rust_over_python_ms"][ctx][block].is_number());
+        }
+    }
+    // Only logits rows reach the host: one row of 32000 f32 per 1-token step.
+    assert_eq!(
+        report["rust_runtime"]["host_bytes_per_step"]["+1"]["to_host"],
+        32000 * 4
+    );
+}

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
-use duo_core::engine::Verifier;
-use duo_core::runtime::{Device, ModelOptions};
+use duo_core::engine::{TargetVerdict, Verifier};
+use duo_core::runtime::{Device, ModelOptions, RuntimeError};
 use duo_core::sampling::{Rng, SamplingParams, rng_from_seed};
 use duo_rpc::pb::target_server::{Target, TargetServer};
 use duo_rpc::pb::{self, target_reply, target_request};
@@ -152,6 +152,41 @@ fn check_verify(v: &pb::Verify, vocab: usize) -> Result<(), Status> {
     Ok(())
 }
 
+/// Runs one `Verify` (checked by [`check_verify`]) for session `s`. The
+/// model is locked for the forward alone: distributions, verification and
+/// log-probabilities run after it is released, so other sessions' forwards
+/// need not wait for them.
+fn verify(
+    loaded: &LoadedWorker,
+    s: &mut TargetSession,
+    v: &pb::Verify,
+) -> Result<TargetVerdict, RuntimeError> {
+    let Some(tail) = v
+        .feed
+        .len()
+        .checked_sub(v.tail_len as usize)
+        .and_then(|at| v.feed.get(at..))
+    else {
+        return Err(RuntimeError::Invalid(
+            "Verify.tail_len is longer than the fed tokens".into(),
+        ));
+    };
+    let forward = {
+        let mut lm = loaded.lm();
+        let before = lm.host_traffic();
+        let forward = s
+            .verifier
+            .forward(&mut lm, v.keep as usize, &v.feed, tail)?;
+        let after = lm.host_traffic();
+        metrics::counter!("duo_target_host_bytes_total", "direction" => "to_device")
+            .increment(after.to_device_bytes - before.to_device_bytes);
+        metrics::counter!("duo_target_host_bytes_total", "direction" => "to_host")
+            .increment(after.to_host_bytes - before.to_host_bytes);
+        forward
+    };
+    forward.judge(&s.sampling, &mut s.rng, s.logprobs)
+}
+
 #[tonic::async_trait]
 impl Target for TargetService {
     type SessionStream = ReceiverStream<Result<pb::TargetReply, Status>>;
@@ -201,25 +236,9 @@ impl Target for TargetService {
                                     if let Some(core) = svc2.cpu_core {
                                         duo_core::engine::pin_current_thread(core);
                                     }
-                                    let res = match svc2.loaded() {
-                                        Ok(l) => {
-                                            let mut lm = l.lm();
-                                            let tail =
-                                                &v.feed[v.feed.len() - v.tail_len as usize..];
-                                            s.verifier
-                                                .verify(
-                                                    &mut lm,
-                                                    v.keep as usize,
-                                                    &v.feed,
-                                                    tail,
-                                                    &s.sampling,
-                                                    &mut s.rng,
-                                                    s.logprobs,
-                                                )
-                                                .map_err(runtime_status)
-                                        }
-                                        Err(e) => Err(e),
-                                    };
+                                    let res = svc2.loaded().and_then(|l| {
+                                        verify(l, &mut s, &v).map_err(runtime_status)
+                                    });
                                     (s, res)
                                 })
                                 .await;

@@ -16,7 +16,7 @@ pub use drafter::{DraftJob, DraftTree, Drafter};
 pub use session::{
     DraftSide, GenerateParams, Generation, Limits, Mode, Recovery, Stats, TargetSide,
 };
-pub use verifier::{TargetVerdict, Verifier};
+pub use verifier::{Forward, TargetVerdict, Verifier};
 
 use crate::runtime::{CausalLm, Device, ModelOptions, RuntimeError};
 use crate::sampling::{Rng, SamplingParams, rng_from_seed};

@@ -4,11 +4,17 @@
 //! machine says is verified, feeds the round's tokens and turns the logits of
 //! the positions that matter into processed distributions, next to the
 //! logits (so no full-vocabulary tensor leaves this side).
+//!
+//! A round is two steps: [`Verifier::forward`] needs the model (rollback and
+//! forward) and returns a [`Forward`]; [`Forward::judge`] needs only the
+//! logits (distributions, verification, log-probabilities). A worker that
+//! shares one model between sessions holds it for the forward alone;
+//! [`Verifier::verify`] runs both.
 
 use std::time::Instant;
 
-use crate::runtime::{CausalLm, RuntimeError, Sequence};
-use crate::sampling::{Rng, SamplingParams};
+use crate::runtime::{CausalLm, Logits, RuntimeError, Sequence};
+use crate::sampling::{Rng, SamplingParams, log_softmax_at};
 use crate::spec::verify::{ChainVerdict, verify_deterministic};
 
 /// The target's answer for one round.
@@ -20,8 +26,62 @@ pub struct TargetVerdict {
     pub logprobs: Vec<f32>,
     /// Tokens fed in this forward.
     pub fed: usize,
-    /// Wall time of the forward (rollback, logits processing and verification included).
+    /// Wall time of the whole verification: rollback, forward, logits
+    /// processing and verification, from the start of [`Verifier::forward`]
+    /// (so not counting a wait for a shared model's lock) to the end of
+    /// [`Forward::judge`].
     pub secs: f64,
+}
+
+/// A round's forward, not yet judged: the logits of the last fed tokens
+/// (the last verified one and the unverified tail) and the tail. Holds no
+/// reference to the model.
+#[derive(Debug)]
+pub struct Forward {
+    logits: Logits,
+    /// Row of the last verified token: its logits give the distribution of
+    /// `tail[0]`, the next rows those of the following tail tokens, the
+    /// last row that of the token after the tail.
+    first: usize,
+    tail: Vec<u32>,
+    fed: usize,
+    start: Instant,
+}
+
+impl Forward {
+    /// Verifies the tail on the processed distributions (one per tail token
+    /// plus one for the token after it) with [`verify_deterministic`],
+    /// drawing with `rng`, and adds the committed tokens' log-probabilities
+    /// when `want_logprobs`.
+    pub fn judge(
+        self,
+        sampling: &SamplingParams,
+        rng: &mut Rng,
+        want_logprobs: bool,
+    ) -> Result<TargetVerdict, RuntimeError> {
+        let rows = self.first..=self.first + self.tail.len();
+        let dists: Vec<_> = rows
+            .map(|i| sampling.distribution(self.logits.row(i)))
+            .collect();
+        let verdict = verify_deterministic(&dists, &self.tail, rng)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let logprobs = if want_logprobs {
+            self.tail[..verdict.accepted]
+                .iter()
+                .chain(std::iter::once(&verdict.next))
+                .enumerate()
+                .map(|(i, &t)| log_softmax_at(self.logits.row(self.first + i), t))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(TargetVerdict {
+            verdict,
+            logprobs,
+            fed: self.fed,
+            secs: self.start.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 /// The target side of one generation.
@@ -45,20 +105,17 @@ impl Verifier {
         self.seq.is_empty()
     }
 
-    /// Rolls the cache back to `keep` tokens, feeds `feed` (whose last
-    /// `tail.len()` tokens are the unverified tail) and verifies the tail on
-    /// the processed distributions, drawing with `rng`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn verify(
+    /// Rolls the cache back to `keep` tokens and feeds `feed`, whose last
+    /// `tail.len()` tokens are the unverified tail (after at least one
+    /// verified token); the result is judged with [`Forward::judge`], which
+    /// needs no model. On an error the cache may have been rolled back.
+    pub fn forward(
         &mut self,
         lm: &mut CausalLm,
         keep: usize,
         feed: &[u32],
         tail: &[u32],
-        sampling: &SamplingParams,
-        rng: &mut Rng,
-        want_logprobs: bool,
-    ) -> Result<TargetVerdict, RuntimeError> {
+    ) -> Result<Forward, RuntimeError> {
         let start = Instant::now();
         if keep > self.seq.len() {
             return Err(RuntimeError::Invalid(format!(
@@ -73,36 +130,51 @@ impl Verifier {
             ));
         }
         self.seq.truncate(keep)?;
-        let logits = lm.extend(&mut self.seq, feed)?;
-        let rows = logits.rows();
-        let first = rows - tail.len() - 1;
-        let dists: Vec<_> = (first..rows)
-            .map(|i| sampling.distribution(logits.row(i)))
-            .collect();
-        let verdict = verify_deterministic(&dists, tail, rng)
-            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
-        let logprobs = if want_logprobs {
-            tail[..verdict.accepted]
-                .iter()
-                .chain(std::iter::once(&verdict.next))
-                .enumerate()
-                .map(|(i, &t)| log_softmax_at(logits.row(first + i), t))
-                .collect()
-        } else {
-            Vec::new()
+        // Only the rows judged: the last verified token's and the tail's.
+        let wanted = tail.len() + 1;
+        let logits = lm.extend_last(&mut self.seq, feed, wanted)?;
+        let Some(first) = logits.rows().checked_sub(wanted) else {
+            return Err(RuntimeError::Invalid(format!(
+                "the target returned {} logits rows, {wanted} needed",
+                logits.rows(),
+            )));
         };
-        Ok(TargetVerdict {
-            verdict,
-            logprobs,
+        Ok(Forward {
+            logits,
+            first,
+            tail: tail.to_vec(),
             fed: feed.len(),
-            secs: start.elapsed().as_secs_f64(),
+            start,
         })
+    }
+
+    /// [`Self::forward`] then [`Forward::judge`]: rolls back, feeds `feed`
+    /// (whose last `tail.len()` tokens are the unverified tail) and verifies
+    /// the tail on the processed distributions, drawing with `rng`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn verify(
+        &mut self,
+        lm: &mut CausalLm,
+        keep: usize,
+        feed: &[u32],
+        tail: &[u32],
+        sampling: &SamplingParams,
+        rng: &mut Rng,
+        want_logprobs: bool,
+    ) -> Result<TargetVerdict, RuntimeError> {
+        self.forward(lm, keep, feed, tail)?
+            .judge(sampling, rng, want_logprobs)
     }
 }
 
-fn log_softmax_at(row: &[f32], token: u32) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let z: f32 = row.iter().map(|&l| (l - max).exp()).sum();
-    row.get(token as usize)
-        .map_or(f32::NEG_INFINITY, |&l| l - max - z.ln())
+#[cfg(test)]
+mod tests {
+    /// A forward owns what judging needs (no borrow of the model or the
+    /// verifier), so a worker can release a shared model before judging,
+    /// on any thread.
+    #[test]
+    fn a_forward_outlives_the_model_borrow() {
+        fn owned_and_sendable<T: Send + 'static>() {}
+        owned_and_sendable::<super::Forward>();
+    }
 }
