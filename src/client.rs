@@ -69,6 +69,7 @@ impl Remote {
             gamma: params.gamma.map(|g| g as u32),
             max_branches: Some(params.max_branches as u32),
             logprobs: params.logprobs,
+            greedy_drafts: params.greedy_drafts,
         };
         let mut c = self.client.clone();
         let start = std::time::Instant::now();

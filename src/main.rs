@@ -133,6 +133,17 @@ pub struct ModelArgs {
     pub regime_cache: Option<PathBuf>,
 }
 
+/// How the draft picks its tokens at temperature > 0 (both are lossless).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DraftSampling {
+    /// Sample from the draft's own processed distribution q and send q:
+    /// the target accepts with min(1, p/q).
+    Sampled,
+    /// The draft's most likely tokens (a point mass): accepted with p(x).
+    Greedy,
+}
+
 /// What the models' costs look like; see [`ModelArgs::regime`].
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -215,6 +226,9 @@ struct GenerateArgs {
     /// Most draft branches per round (1 = single sequence).
     #[arg(long, default_value_t = 4)]
     max_branches: usize,
+    /// How the draft picks tokens at temperature > 0.
+    #[arg(long, value_enum, default_value = "sampled")]
+    draft_sampling: DraftSampling,
     /// Print the stats as JSON instead of a line.
     #[arg(long)]
     json: bool,
@@ -273,6 +287,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         gamma: a.gamma,
         max_branches: a.max_branches,
         logprobs: false,
+        greedy_drafts: a.draft_sampling == DraftSampling::Greedy,
     };
     let mut out = std::io::stdout();
     print!("{}", a.prompt);

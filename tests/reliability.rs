@@ -207,6 +207,7 @@ fn open_draft(fingerprint: &str) -> pb::DraftRequest {
         kind: Some(draft_request::Kind::Open(pb::OpenDraft {
             vocab_size: 2048,
             tokenizer_fingerprint: fingerprint.into(),
+            ..Default::default()
         })),
     }
 }
@@ -401,6 +402,10 @@ fn random_draft_request(rng: &mut impl Rng, fp: &str) -> pb::DraftRequest {
             } else {
                 "x".into()
             },
+            temperature: [0.0, 0.7, 1.0, -1.0, f32::NAN][rng.random_range(0..5)],
+            top_k: rng.random_range(0..3000),
+            top_p: [0.0, 0.5, 1.0, 1.5][rng.random_range(0..4)],
+            seed: rng.random(),
         })),
         _ => {
             let max = if rng.random_bool(0.1) { 700 } else { 40 };
@@ -421,6 +426,7 @@ fn random_draft_request(rng: &mut impl Rng, fp: &str) -> pb::DraftRequest {
                 } else {
                     rng.random_range(0..12)
                 },
+                first_verified: rng.random(),
             }))
         }
     };
@@ -448,14 +454,42 @@ fn random_target_request(rng: &mut impl Rng, fp: &str) -> pb::TargetRequest {
             let max = if rng.random_bool(0.1) { 700 } else { 30 };
             let n = rng.random_range(0..max);
             let feed: Vec<u32> = (0..n).map(|_| rng.random_range(0..2100)).collect();
+            let tail_len = rng.random_range(0..(n as u32 + 3));
+            let proposals = if rng.random_bool(0.5) {
+                Vec::new()
+            } else {
+                (0..rng.random_range(0..tail_len + 2))
+                    .map(|_| random_proposal(rng))
+                    .collect()
+            };
             Some(target_request::Kind::Verify(pb::Verify {
                 keep: range(rng, 10, 600),
-                tail_len: rng.random_range(0..(n as u32 + 3)),
+                tail_len,
                 feed,
+                proposals,
             }))
         }
     };
     pb::TargetRequest { kind }
+}
+
+/// A proposal, often malformed: ids out of range or repeated, too many
+/// entries, mismatched lengths, negative/NaN/unnormalised probabilities.
+fn random_proposal(rng: &mut impl Rng) -> pb::Proposal {
+    let n = if rng.random_bool(0.1) {
+        rng.random_range(60..80)
+    } else {
+        rng.random_range(0..4)
+    };
+    let ids = (0..n).map(|_| rng.random_range(0..2100)).collect();
+    let mut probs: Vec<f32> = (0..n + usize::from(rng.random_bool(0.1)))
+        .map(|_| [0.5, 0.25, -0.1, f32::NAN, 1.0][rng.random_range(0..5)])
+        .collect();
+    if rng.random_bool(0.5) {
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    pb::Proposal { ids, probs }
 }
 
 /// Sends `msgs` one at a time, reading the reply to each; stops at the

@@ -43,6 +43,19 @@ pub fn rng_from_seed(seed: u64) -> Rng {
     Rng::seed_from_u64(seed)
 }
 
+/// The draft's generator for a generation seeded with `seed`: another
+/// ChaCha stream of the same key, so the draft's samples are independent of
+/// the target's draws (which sampled verification's exactness needs) and
+/// still reproducible.
+pub fn draft_rng(seed: u64) -> Rng {
+    let mut rng = Rng::seed_from_u64(seed);
+    rng.set_stream(DRAFT_STREAM);
+    rng
+}
+
+/// The ChaCha stream [`draft_rng`] uses (the target's is stream 0).
+const DRAFT_STREAM: u64 = 1;
+
 /// How logits become the distribution tokens are drawn from.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
@@ -504,6 +517,64 @@ impl Distribution {
         Self {
             entries: vec![(token, 1.0)],
         }
+    }
+
+    /// A distribution given as (token, probability) entries, e.g. a proposal
+    /// that came over the network, kept exactly as given (only sorted), so
+    /// a verifier uses the very `q` the sender sampled from. Refused, with a
+    /// message saying why: no entries or more than `max_entries`, an id at or
+    /// above `vocab`, a repeated id, a probability that is not finite and
+    /// positive, or a total further than 1e-3 from 1.
+    pub fn from_entries(
+        mut entries: Vec<(u32, f32)>,
+        vocab: usize,
+        max_entries: usize,
+    ) -> Result<Self, String> {
+        if entries.is_empty() || entries.len() > max_entries {
+            return Err(format!(
+                "a proposal has {} entries (1..={max_entries} allowed)",
+                entries.len()
+            ));
+        }
+        if let Some(&(t, _)) = entries.iter().find(|e| e.0 as usize >= vocab) {
+            return Err(format!(
+                "a proposal names token {t}, outside the vocabulary (size {vocab})"
+            ));
+        }
+        if let Some(&(t, p)) = entries.iter().find(|e| !(e.1.is_finite() && e.1 > 0.0)) {
+            return Err(format!(
+                "a proposal gives token {t} probability {p} (must be finite and > 0)"
+            ));
+        }
+        let total: f64 = entries.iter().map(|e| f64::from(e.1)).sum();
+        if (total - 1.0).abs() > 1e-3 {
+            return Err(format!(
+                "a proposal's probabilities sum to {total} (must be 1 within 1e-3)"
+            ));
+        }
+        entries.sort_unstable_by(by_probability);
+        let mut ids: Vec<u32> = entries.iter().map(|e| e.0).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("a proposal names token {} twice", w[0]));
+        }
+        Ok(Self { entries })
+    }
+
+    /// The `n` most likely entries (at least one), renormalised: a proposal
+    /// of bounded size to sample drafts from (see
+    /// [`crate::spec::verify::MAX_PROPOSAL_ENTRIES`]). Unchanged when it
+    /// already has at most `n` entries.
+    pub fn truncated(&self, n: usize) -> Self {
+        if self.entries.len() <= n.max(1) {
+            return self.clone();
+        }
+        Self::from_weights(
+            self.entries[..n.max(1)]
+                .iter()
+                .map(|&(t, p)| (t, f64::from(p)))
+                .collect(),
+        )
     }
 
     /// Normalises non-negative weights; zero, negative and non-finite

@@ -48,16 +48,16 @@ proptest! {
         for (i, s) in steps.iter().enumerate() {
             // Sometimes drive it like speculative mode: set a tail first.
             if r.tail().is_empty() && let Some(Some(t)) = spec_tails.get(i) {
-                r.set_tail(t.clone()).unwrap();
+                r.set_tail(t.clone(), vec![]).unwrap();
             } else if let Some(Some(t)) = spec_tails.get(i) {
-                prop_assert!(r.set_tail(t.clone()).is_err());
+                prop_assert!(r.set_tail(t.clone(), vec![]).is_err());
             }
             let before = r.clone();
             let committed_before = r.committed().len();
             let tail_before = r.tail().to_vec();
             let verdict = ChainVerdict { accepted: s.accepted, next: s.next };
             let preview = r.preview(&verdict);
-            match r.apply(verdict, &s.branches) {
+            match r.apply(verdict, &s.branches, &[]) {
                 Ok(out) => {
                     prop_assert!(s.accepted <= tail_before.len());
                     prop_assert!(s.branches.iter().all(|b| !b.is_empty()));

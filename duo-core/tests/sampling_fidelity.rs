@@ -8,9 +8,13 @@ use duo_core::engine::session::{
     self, DraftSide, GenerateParams, Limits, Mode, Recovery, TargetSide,
 };
 use duo_core::engine::{DraftJob, DraftTree, EngineError, TargetVerdict};
-use duo_core::sampling::{Rng, SamplingParams, argmax, rng_from_seed, top_softmax};
+use duo_core::sampling::{
+    Distribution, Rng, SamplingParams, argmax, draft_rng, rng_from_seed, top_softmax,
+};
 use duo_core::spec::budget::{BudgetConfig, BudgetController};
-use duo_core::spec::verify::verify_deterministic;
+use duo_core::spec::verify::{
+    ChainVerdict, MAX_PROPOSAL_ENTRIES, verify_deterministic, verify_sampled,
+};
 use duo_core::stats::chi_square;
 use duo_core::tokenizer::Tokenizer;
 
@@ -34,6 +38,32 @@ struct ToyTarget {
     ctx: Vec<u32>,
     sampling: SamplingParams,
     rng: Rng,
+    /// A deliberately wrong sampled verification (on rejection it draws
+    /// from `p` instead of `norm(max(0, p - q))`), for the power check.
+    wrong_residual: bool,
+}
+
+/// `verify_sampled` with the residual left out: biased towards the draft.
+fn wrong_verify_sampled(
+    target: &[Distribution],
+    draft: &[u32],
+    proposals: &[Distribution],
+    rng: &mut Rng,
+) -> ChainVerdict {
+    use rand::Rng as _;
+    for (i, ((&x, p), q)) in draft.iter().zip(target).zip(proposals).enumerate() {
+        let (px, qx) = (f64::from(p.prob(x)), f64::from(q.prob(x)));
+        if !(px >= qx || rng.random::<f64>() * qx < px) {
+            return ChainVerdict {
+                accepted: i,
+                next: p.sample(rng),
+            };
+        }
+    }
+    ChainVerdict {
+        accepted: draft.len(),
+        next: target[draft.len()].sample(rng),
+    }
 }
 
 impl TargetSide for ToyTarget {
@@ -42,6 +72,7 @@ impl TargetSide for ToyTarget {
         keep: usize,
         feed: &[u32],
         tail: &[u32],
+        proposals: &[Distribution],
     ) -> Result<TargetVerdict, EngineError> {
         assert!(
             keep <= self.ctx.len(),
@@ -53,8 +84,13 @@ impl TargetSide for ToyTarget {
         let dists: Vec<_> = (n - tail.len() - 1..n)
             .map(|i| self.sampling.distribution(&target_logits(self.ctx[i])))
             .collect();
+        let verdict = match (proposals.is_empty(), self.wrong_residual) {
+            (true, _) => verify_deterministic(&dists, tail, &mut self.rng).unwrap(),
+            (false, false) => verify_sampled(&dists, tail, proposals, &mut self.rng).unwrap(),
+            (false, true) => wrong_verify_sampled(&dists, tail, proposals, &mut self.rng),
+        };
         Ok(TargetVerdict {
-            verdict: verify_deterministic(&dists, tail, &mut self.rng).unwrap(),
+            verdict,
             logprobs: Vec::new(),
             fed: feed.len(),
             secs: 0.0,
@@ -63,11 +99,38 @@ impl TargetSide for ToyTarget {
 }
 
 /// A draft that mirrors the real drafter's contract: applies the sync, then
-/// drafts greedy branches headed by the policy's candidates.
+/// drafts branches headed by the policy's candidates (a first token that
+/// will be verified is sampled too), greedily or, with `sampled`, by
+/// sampling each later token from its proposal.
 struct ToyDraft {
     ctx: Vec<u32>,
     last: Vec<Vec<u32>>,
     pending: Option<DraftJob>,
+    sampled: Option<(SamplingParams, Rng)>,
+}
+
+impl ToyDraft {
+    fn new(sampled: Option<(SamplingParams, Rng)>) -> Self {
+        Self {
+            ctx: Vec::new(),
+            last: Vec::new(),
+            pending: None,
+            sampled,
+        }
+    }
+
+    /// The next token after `prev` and, when sampling, its proposal.
+    fn pick(&mut self, prev: u32) -> (u32, Option<Distribution>) {
+        match &mut self.sampled {
+            None => (argmax(&draft_logits(prev)), None),
+            Some((params, rng)) => {
+                let q = params
+                    .distribution(&draft_logits(prev))
+                    .truncated(MAX_PROPOSAL_ENTRIES);
+                (q.sample(rng), Some(q))
+            }
+        }
+    }
 }
 
 impl DraftSide for ToyDraft {
@@ -85,24 +148,41 @@ impl DraftSide for ToyDraft {
         self.ctx.extend_from_slice(&job.sync.append);
         let prev = *self.ctx.last().unwrap();
         let q1 = top_softmax(&draft_logits(prev), 8);
-        let x1 = q1[0].0;
-        let p21 = top_softmax(&draft_logits(x1), 1)[0].1;
-        let k = job.policy.branch_count(&q1, p21);
-        let heads = if k > 1 {
-            job.policy.branch_heads(&q1, k)
+        let sampled = self.sampled.is_some();
+        let (heads, head_qs) = if job.first_verified {
+            let (x1, q) = self.pick(prev);
+            (vec![x1], vec![q])
         } else {
-            vec![x1]
+            let x1 = q1[0].0;
+            let p21 = top_softmax(&draft_logits(x1), 1)[0].1;
+            let k = job.policy.branch_count(&q1, p21);
+            let heads = if k > 1 {
+                job.policy.branch_heads(&q1, k)
+            } else {
+                vec![x1]
+            };
+            let qs = heads
+                .iter()
+                .map(|&h| sampled.then(|| Distribution::point(h)))
+                .collect();
+            (heads, qs)
         };
-        let branches: Vec<Vec<u32>> = heads
-            .iter()
-            .map(|&h| {
-                let mut b = vec![h];
-                while b.len() < job.gamma {
-                    b.push(argmax(&draft_logits(*b.last().unwrap())));
-                }
-                b
-            })
-            .collect();
+        let mut branches = Vec::new();
+        let mut proposals = Vec::new();
+        for (&h, q) in heads.iter().zip(head_qs) {
+            let mut b = vec![h];
+            let mut qs: Vec<Distribution> = q.into_iter().collect();
+            while b.len() < job.gamma {
+                let (t, q) = self.pick(*b.last().unwrap());
+                b.push(t);
+                qs.extend(q);
+            }
+            branches.push(b);
+            proposals.push(qs);
+        }
+        if !sampled {
+            proposals.clear();
+        }
         if branches.len() == 1 {
             // A single chain is part of the context right away.
             self.ctx.extend_from_slice(&branches[0]);
@@ -112,6 +192,7 @@ impl DraftSide for ToyDraft {
         }
         Ok(DraftTree {
             branches,
+            proposals,
             forward_steps: job.gamma,
             secs: 0.0,
         })
@@ -132,11 +213,7 @@ struct Flaky {
 impl Flaky {
     fn new(period: usize) -> Self {
         Self {
-            inner: ToyDraft {
-                ctx: Vec::new(),
-                last: Vec::new(),
-                pending: None,
-            },
+            inner: ToyDraft::new(None),
             calls: 0,
             period,
             recoveries: 0,
@@ -184,16 +261,27 @@ fn tokenizer() -> Tokenizer {
 
 /// Runs `n` generations of 3 tokens and returns counts of (x1, x2) pairs.
 fn joint_counts(mode: Mode, sampling: SamplingParams, gamma: usize, n: usize) -> Vec<u32> {
-    joint_counts_with(mode, sampling, gamma, n, None)
+    joint_counts_with(mode, sampling, gamma, n, Variant::default())
 }
 
-/// As [`joint_counts`]; with `flaky_period`, the draft dies every that many calls.
+/// How [`joint_counts_with`] departs from the plain loop.
+#[derive(Default, Clone, Copy)]
+struct Variant {
+    /// The draft dies every that many calls.
+    flaky_period: Option<usize>,
+    /// Sampled drafts with proposals (else greedy drafts).
+    sampled: bool,
+    /// The target verifies sampled drafts with a wrong residual.
+    wrong_residual: bool,
+}
+
+/// As [`joint_counts`], with the departures of `v`.
 fn joint_counts_with(
     mode: Mode,
     sampling: SamplingParams,
     gamma: usize,
     n: usize,
-    flaky_period: Option<usize>,
+    v: Variant,
 ) -> Vec<u32> {
     let tok = tokenizer();
     let limits = Limits {
@@ -208,12 +296,9 @@ fn joint_counts_with(
             ctx: Vec::new(),
             sampling,
             rng: rng_from_seed(seed * 7919 + 13),
+            wrong_residual: v.wrong_residual,
         };
-        let mut draft = ToyDraft {
-            ctx: Vec::new(),
-            last: Vec::new(),
-            pending: None,
-        };
+        let mut draft = ToyDraft::new(v.sampled.then(|| (sampling, draft_rng(seed * 7919 + 13))));
         let params = GenerateParams {
             max_new_tokens: 3,
             sampling,
@@ -223,7 +308,11 @@ fn joint_counts_with(
             max_branches: 4,
             ..GenerateParams::default()
         };
-        let mut flaky = flaky_period.map(Flaky::new);
+        let mut flaky = v.flaky_period.map(|p| {
+            let mut f = Flaky::new(p);
+            f.inner = ToyDraft::new(v.sampled.then(|| (sampling, draft_rng(seed))));
+            f
+        });
         let draft_side: Option<&mut dyn DraftSide> = match (mode, flaky.as_mut()) {
             (Mode::Autoregressive, _) => None,
             (_, Some(f)) => Some(f),
@@ -285,6 +374,65 @@ fn speculative_and_duodecoding_sample_the_target_distribution() {
     }
 }
 
+/// Sampled drafts (tokens drawn from the draft's own processed
+/// distribution, verified with min(1, p/q) and the residual): the emitted
+/// tokens follow the target's distribution, for speculative mode (the whole
+/// chain sampled) and duodecoding (1 and up to 4 branches: heads matched
+/// against the target's draw, the rest sampled).
+#[test]
+fn sampled_drafts_sample_the_target_distribution() {
+    let settings = [
+        SamplingParams::with_temperature(1.0),
+        SamplingParams {
+            temperature: 0.7,
+            top_k: 4,
+            top_p: 1.0,
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+        },
+    ];
+    let sampled = Variant {
+        sampled: true,
+        ..Variant::default()
+    };
+    for s in settings {
+        let exact = exact_joint(s);
+        for mode in [Mode::Speculative, Mode::Duodecoding] {
+            for gamma in [1, 3] {
+                let counts = joint_counts_with(mode, s, gamma, 6000, sampled);
+                let stat = chi_square(&counts, &exact);
+                assert!(
+                    stat.p_value > 0.01,
+                    "sampled {mode} gamma {gamma} {s:?}: {stat:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_harness_detects_a_wrong_residual() {
+    // Power check for sampled drafts: rejecting into p instead of the
+    // residual norm(max(0, p - q)) over-weights the draft's tokens.
+    let s = SamplingParams::with_temperature(1.0);
+    let counts = joint_counts_with(
+        Mode::Speculative,
+        s,
+        3,
+        6000,
+        Variant {
+            sampled: true,
+            wrong_residual: true,
+            ..Variant::default()
+        },
+    );
+    let stat = chi_square(&counts, &exact_joint(s));
+    assert!(stat.p_value < 0.01, "{stat:?}");
+}
+
 #[test]
 fn the_harness_detects_a_biased_sampler() {
     // Power check: a target that is slightly off (temperature 1.15 instead
@@ -305,7 +453,17 @@ fn a_dying_draft_leaves_the_sampled_distribution_unchanged() {
     let exact = exact_joint(s);
     for mode in [Mode::Speculative, Mode::Duodecoding] {
         for period in [2, 3] {
-            let counts = joint_counts_with(mode, s, 3, 6000, Some(period));
+            let counts = joint_counts_with(
+                mode,
+                s,
+                3,
+                6000,
+                Variant {
+                    flaky_period: Some(period),
+                    sampled: true,
+                    ..Variant::default()
+                },
+            );
             let stat = chi_square(&counts, &exact);
             assert!(stat.p_value > 0.01, "{mode} period {period}: {stat:?}");
         }
@@ -325,6 +483,7 @@ fn a_dying_draft_leaves_greedy_output_unchanged() {
             ctx: Vec::new(),
             sampling: SamplingParams::greedy(),
             rng: rng_from_seed(1),
+            wrong_residual: false,
         };
         let mut draft = flaky.map(Flaky::new);
         let params = GenerateParams {

@@ -244,6 +244,7 @@ impl Orchestrator {
             gamma: req.gamma.map(|g| g as usize),
             max_branches: req.max_branches.map_or(4, |b| b as usize),
             logprobs: req.logprobs,
+            greedy_drafts: req.greedy_drafts,
         };
         Ok((prompt, params))
     }
@@ -306,9 +307,20 @@ impl Orchestrator {
                 "no draft worker configured: start a draft-service and pass --draft or --draft-dns, or use MODE_AUTOREGRESSIVE",
             ));
         } else {
+            // Sampled drafting sends the draft the generation's settings and
+            // its own seed; greedy drafts send temperature 0.
+            let sampled = !params.greedy_drafts && !params.sampling.is_greedy();
             let open = pb::OpenDraft {
                 vocab_size: limits.vocab_size as u32,
                 tokenizer_fingerprint: st.fingerprint.clone(),
+                temperature: if sampled {
+                    params.sampling.temperature
+                } else {
+                    0.0
+                },
+                top_k: params.sampling.top_k as u32,
+                top_p: params.sampling.top_p,
+                seed: params.seed,
             };
             Some(PooledDraft::open(st.pool.clone(), open, st.draft_timeout).await?)
         };

@@ -135,6 +135,8 @@ struct Common {
     gamma: Option<u32>,
     max_branches: Option<u32>,
     top_k: Option<u32>,
+    #[serde(default)]
+    greedy_drafts: bool,
 }
 
 #[derive(Deserialize)]
@@ -204,6 +206,7 @@ fn to_request(
         gamma: c.gamma,
         max_branches: c.max_branches,
         logprobs,
+        greedy_drafts: c.greedy_drafts,
     })
 }
 

@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use duo_core::engine::{DraftJob, DraftSide, DraftTree, EngineError, TargetSide, TargetVerdict};
+use duo_core::sampling::Distribution;
 use duo_core::spec::verify::ChainVerdict;
-use duo_rpc::convert::{sync_to_pb, tree_from_pb};
+use duo_rpc::convert::{proposal_to_pb, sync_to_pb, tree_from_pb};
 use duo_rpc::pb::draft_client::DraftClient;
 use duo_rpc::pb::target_client::TargetClient;
 use duo_rpc::pb::{self, draft_reply, draft_request, target_reply, target_request};
@@ -97,12 +98,14 @@ impl TargetSide for RemoteTarget {
         keep: usize,
         feed: &[u32],
         tail: &[u32],
+        proposals: &[Distribution],
     ) -> Result<TargetVerdict, EngineError> {
         let req = pb::TargetRequest {
             kind: Some(target_request::Kind::Verify(pb::Verify {
                 keep: keep as u32,
                 feed: feed.to_vec(),
                 tail_len: tail.len() as u32,
+                proposals: proposals.iter().map(proposal_to_pb).collect(),
             })),
         };
         let (tx, rx, timeout) = (&self.tx, &mut self.rx, self.timeout);
@@ -146,6 +149,8 @@ pub struct RemoteDraft {
     rx: Streaming<pb::DraftReply>,
     /// Longest wait for one tree: a worker that hangs counts as failed.
     timeout: Duration,
+    /// The generation's vocabulary (a tree's proposals are checked against it).
+    vocab: usize,
     pub failure: Failure,
 }
 
@@ -157,6 +162,7 @@ impl RemoteDraft {
         timeout: Duration,
     ) -> Result<(Self, pb::WorkerInfo), Status> {
         let (tx, rx) = mpsc::channel(4);
+        let vocab = open.vocab_size as usize;
         tx.send(pb::DraftRequest {
             kind: Some(draft_request::Kind::Open(open)),
         })
@@ -172,6 +178,7 @@ impl RemoteDraft {
                     tx,
                     rx,
                     timeout,
+                    vocab,
                     failure: Failure::default(),
                 },
                 info,
@@ -196,6 +203,7 @@ impl DraftSide for RemoteDraft {
                 sync: Some(sync_to_pb(&job.sync)),
                 gamma: job.gamma as u32,
                 max_branches: job.policy.cap() as u32,
+                first_verified: job.first_verified,
             })),
         };
         let tx = &self.tx;
@@ -211,7 +219,11 @@ impl DraftSide for RemoteDraft {
         match reply {
             Ok(Some(pb::DraftReply {
                 kind: Some(draft_reply::Kind::Tree(t)),
-            })) => Ok(tree_from_pb(t)),
+            })) => tree_from_pb(t, self.vocab).map_err(|e| {
+                self.fail(Status::internal(format!(
+                    "draft-service sent a malformed tree: {e}"
+                )))
+            }),
             Ok(_) => Err(self.fail(Status::unavailable("draft-service ended the session"))),
             Err(s) => Err(self.fail(s)),
         }

@@ -2,8 +2,10 @@
 
 use duo_core::engine::{DraftTree, Mode, Stats};
 use duo_core::runtime::ModelInfo;
+use duo_core::sampling::Distribution;
 use duo_core::spec::round::DraftSync;
 use duo_core::spec::stop::FinishReason;
+use duo_core::spec::verify::MAX_PROPOSAL_ENTRIES;
 
 use crate::pb;
 
@@ -83,19 +85,86 @@ pub fn tree_to_pb(t: &DraftTree) -> pb::DraftTree {
         branches: t
             .branches
             .iter()
-            .map(|b| pb::Branch { tokens: b.clone() })
+            .enumerate()
+            .map(|(j, b)| pb::Branch {
+                tokens: b.clone(),
+                proposals: t
+                    .proposals
+                    .get(j)
+                    .map(|qs| qs.iter().map(proposal_to_pb).collect())
+                    .unwrap_or_default(),
+            })
             .collect(),
         forward_steps: t.forward_steps as u32,
         secs: t.secs,
     }
 }
 
-pub fn tree_from_pb(t: pb::DraftTree) -> DraftTree {
-    DraftTree {
-        branches: t.branches.into_iter().map(|b| b.tokens).collect(),
+/// A draft worker's tree, its proposals checked (see [`proposals_from_pb`]):
+/// a malformed one is the worker's failure, never the generation's.
+pub fn tree_from_pb(t: pb::DraftTree, vocab: usize) -> Result<DraftTree, String> {
+    let sampled = t.branches.iter().any(|b| !b.proposals.is_empty());
+    let mut proposals = Vec::new();
+    let mut branches = Vec::new();
+    for b in t.branches {
+        if sampled {
+            proposals.push(proposals_from_pb(&b.proposals, &b.tokens, vocab)?);
+        }
+        branches.push(b.tokens);
+    }
+    Ok(DraftTree {
+        branches,
+        proposals,
         forward_steps: t.forward_steps as usize,
         secs: t.secs,
+    })
+}
+
+pub fn proposal_to_pb(q: &Distribution) -> pb::Proposal {
+    let (ids, probs) = q.entries().iter().copied().unzip();
+    pb::Proposal { ids, probs }
+}
+
+/// The proposals of drafted `tokens` (one each, the token among its
+/// entries), kept exactly as sent; the message says what is wrong (see
+/// `Proposal` in duo.proto for the bounds).
+pub fn proposals_from_pb(
+    qs: &[pb::Proposal],
+    tokens: &[u32],
+    vocab: usize,
+) -> Result<Vec<Distribution>, String> {
+    if qs.len() != tokens.len() {
+        return Err(format!(
+            "{} proposals for {} drafted tokens (one per token)",
+            qs.len(),
+            tokens.len()
+        ));
     }
+    qs.iter()
+        .zip(tokens)
+        .enumerate()
+        .map(|(i, (q, &t))| {
+            if q.ids.len() != q.probs.len() {
+                return Err(format!(
+                    "proposal {i} has {} ids but {} probabilities",
+                    q.ids.len(),
+                    q.probs.len()
+                ));
+            }
+            let d = Distribution::from_entries(
+                q.ids.iter().copied().zip(q.probs.iter().copied()).collect(),
+                vocab,
+                MAX_PROPOSAL_ENTRIES,
+            )
+            .map_err(|e| format!("proposal {i}: {e}"))?;
+            if d.prob(t) <= 0.0 {
+                return Err(format!(
+                    "proposal {i} gives its drafted token {t} no probability"
+                ));
+            }
+            Ok(d)
+        })
+        .collect()
 }
 
 pub fn model_to_pb(m: &ModelInfo) -> pb::ModelInfo {

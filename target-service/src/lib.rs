@@ -15,7 +15,8 @@ use std::sync::{Arc, OnceLock};
 use clap::Parser;
 use duo_core::engine::{TargetVerdict, Verifier};
 use duo_core::runtime::{Device, ModelOptions, RuntimeError};
-use duo_core::sampling::{Rng, SamplingParams, rng_from_seed};
+use duo_core::sampling::{Distribution, Rng, SamplingParams, rng_from_seed};
+use duo_rpc::convert::proposals_from_pb;
 use duo_rpc::pb::target_server::{Target, TargetServer};
 use duo_rpc::pb::{self, target_reply, target_request};
 use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection};
@@ -131,7 +132,10 @@ fn open_session(
     ))
 }
 
-fn check_verify(v: &pb::Verify, vocab: usize) -> Result<(), Status> {
+/// Checks a `Verify` from the wire and returns the tail's proposals (empty
+/// for a deterministic draft), before any forward runs: a malformed request
+/// costs nothing and leaves the session's cache as it was.
+fn check_verify(v: &pb::Verify, vocab: usize) -> Result<Vec<Distribution>, Status> {
     if v.feed.is_empty() {
         return Err(Status::invalid_argument(
             "Verify.feed is empty: feed at least one token",
@@ -149,7 +153,12 @@ fn check_verify(v: &pb::Verify, vocab: usize) -> Result<(), Status> {
             "token id {t} is outside the vocabulary (size {vocab})"
         )));
     }
-    Ok(())
+    if v.proposals.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tail = &v.feed[v.feed.len() - v.tail_len as usize..];
+    proposals_from_pb(&v.proposals, tail, vocab)
+        .map_err(|e| Status::invalid_argument(format!("Verify.proposals: {e}")))
 }
 
 /// Runs one `Verify` (checked by [`check_verify`]) for session `s`. The
@@ -160,6 +169,7 @@ fn verify(
     loaded: &LoadedWorker,
     s: &mut TargetSession,
     v: &pb::Verify,
+    proposals: &[Distribution],
 ) -> Result<TargetVerdict, RuntimeError> {
     let Some(tail) = v
         .feed
@@ -184,7 +194,7 @@ fn verify(
             .increment(after.to_host_bytes - before.to_host_bytes);
         forward
     };
-    forward.judge(&s.sampling, &mut s.rng, s.logprobs)
+    forward.judge(&s.sampling, proposals, &mut s.rng, s.logprobs)
 }
 
 #[tonic::async_trait]
@@ -230,14 +240,14 @@ impl Target for TargetService {
                                 session = Some(s);
                                 Err(e)
                             }
-                            (Some(mut s), Ok(())) => {
+                            (Some(mut s), Ok(proposals)) => {
                                 let svc2 = svc.clone();
                                 let done = tokio::task::spawn_blocking(move || {
                                     if let Some(core) = svc2.cpu_core {
                                         duo_core::engine::pin_current_thread(core);
                                     }
                                     let res = svc2.loaded().and_then(|l| {
-                                        verify(l, &mut s, &v).map_err(runtime_status)
+                                        verify(l, &mut s, &v, &proposals).map_err(runtime_status)
                                     });
                                     (s, res)
                                 })

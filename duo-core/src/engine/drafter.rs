@@ -10,9 +10,10 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::runtime::{Branches, CausalLm, RuntimeError, Sequence};
-use crate::sampling::{argmax, top_softmax};
+use crate::sampling::{Distribution, Rng, SamplingParams, argmax, top_softmax};
 use crate::spec::policy::{BranchPolicy, MAX_BRANCHES};
 use crate::spec::round::DraftSync;
+use crate::spec::verify::MAX_PROPOSAL_ENTRIES;
 use crate::stats::Ema;
 
 /// Weight of each new step-time sample in [`StepCosts`].
@@ -29,13 +30,23 @@ pub struct DraftJob {
     /// more than one row on a CPU: 1.4–2.6× for 4 rows here).
     pub gamma: usize,
     pub policy: BranchPolicy,
+    /// The chain's first token will be verified against its proposal
+    /// (speculative mode's chain is all tail), rather than matched against
+    /// the target's own draw (duodecoding's branch heads): a sampled draft
+    /// samples it too instead of taking its most likely tokens.
+    pub first_verified: bool,
 }
 
 /// The draft's answer: `branches` continue the synced context; heads are
-/// distinct; branch 0 is the draft's greedy choice.
+/// distinct; branch 0 is the draft's most likely choice.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DraftTree {
     pub branches: Vec<Vec<u32>>,
+    /// For a sampled draft, the proposal each token was drawn from (one
+    /// list per branch, one distribution per token; a head chosen as a most
+    /// likely token has a point mass); empty for a greedy draft.
+    #[serde(skip)]
+    pub proposals: Vec<Vec<Distribution>>,
     /// The drafting's forward calls in one-row step equivalents (a batched
     /// step of k rows counts its measured cost over a one-row step's),
     /// rounded: what the budget controller divides the time by.
@@ -68,6 +79,29 @@ pub struct Drafter {
     unfed: Vec<u32>,
     multi: Option<Multi>,
     costs: StepCosts,
+    /// Sampled drafting: the generation's settings and the draft's own
+    /// random stream. `None`: greedy drafts.
+    sampling: Option<(SamplingParams, Rng)>,
+}
+
+/// How the draft picks each token after a branch head: greedily, or sampled
+/// from its proposal (recording the proposal).
+enum Pick<'a> {
+    Greedy,
+    Sampled(&'a SamplingParams, &'a mut Rng),
+}
+
+impl Pick<'_> {
+    /// The token for `logits`, and the proposal it was drawn from (sampled).
+    fn pick(&mut self, logits: &[f32]) -> (u32, Option<Distribution>) {
+        match self {
+            Pick::Greedy => (argmax(logits), None),
+            Pick::Sampled(params, rng) => {
+                let q = params.distribution(logits).truncated(MAX_PROPOSAL_ENTRIES);
+                (q.sample(rng), Some(q))
+            }
+        }
+    }
 }
 
 /// Measured seconds per one-token forward step, by the number of rows
@@ -108,7 +142,16 @@ impl Drafter {
             unfed: Vec::new(),
             multi: None,
             costs: StepCosts::new(),
+            sampling: None,
         })
+    }
+
+    /// Drafts by sampling from the draft's processed distribution (the
+    /// generation's temperature, top-k, top-p) with `rng`, which must be
+    /// independent of the target's stream; greedy settings keep greedy drafts.
+    pub fn with_sampling(mut self, params: SamplingParams, rng: Rng) -> Self {
+        self.sampling = (!params.is_greedy()).then_some((params, rng));
+        self
     }
 
     /// Context length (tokens the draft believes are in the context).
@@ -120,7 +163,7 @@ impl Drafter {
     pub fn draft(&mut self, lm: &mut CausalLm, job: &DraftJob) -> Result<DraftTree, RuntimeError> {
         let start = Instant::now();
         self.apply(&job.sync)?;
-        let mut tree = self.propose(lm, job.gamma.max(1), job.policy)?;
+        let mut tree = self.propose(lm, job.gamma.max(1), job.policy, job.first_verified)?;
         tree.secs = start.elapsed().as_secs_f64();
         Ok(tree)
     }
@@ -181,27 +224,46 @@ impl Drafter {
         lm: &mut CausalLm,
         gamma: usize,
         policy: BranchPolicy,
+        first_verified: bool,
     ) -> Result<DraftTree, RuntimeError> {
         let q1_logits = self.catch_up(lm)?;
+        let mut pick = match &mut self.sampling {
+            Some((params, rng)) => Pick::Sampled(params, rng),
+            None => Pick::Greedy,
+        };
+        let sampled = matches!(pick, Pick::Sampled(..));
         let mut steps = 1;
-        let x1 = argmax(&q1_logits);
+        // The first token: sampled when it will be verified against its
+        // proposal; else the most likely (matched against the target's draw).
+        let (x1, q_x1) = if first_verified {
+            pick.pick(&q1_logits)
+        } else {
+            let x = argmax(&q1_logits);
+            (x, sampled.then(|| Distribution::point(x)))
+        };
         if gamma == 1 && policy.cap() == 1 {
             self.unfed.push(x1);
-            return Ok(tree(vec![vec![x1]], steps));
+            return Ok(tree(vec![vec![x1]], q_x1.map(|q| vec![vec![q]]), steps));
         }
-        // Probe: one greedy step to learn p21.
+        // Probe: one step to learn p21.
         let (l2, secs) = timed(|| lm.extend(&mut self.seq, &[x1]));
         let l2 = l2?;
         self.costs.observe(1, secs);
         steps += 1;
         let q1 = top_softmax(&q1_logits, MAX_BRANCHES);
         let p21 = top_softmax(l2.last(), 1).first().map_or(1.0, |e| e.1);
-        let k = policy.branch_count(&q1, p21);
+        let k = if first_verified {
+            1
+        } else {
+            policy.branch_count(&q1, p21)
+        };
         if k <= 1 {
             let mut chain = vec![x1];
-            let mut next = argmax(l2.last());
+            let mut qs: Vec<Distribution> = q_x1.into_iter().collect();
+            let (mut next, mut q_next) = pick.pick(l2.last());
             while chain.len() < gamma {
                 chain.push(next);
+                qs.extend(q_next.take());
                 if chain.len() == gamma {
                     self.unfed.push(next);
                     break;
@@ -210,9 +272,9 @@ impl Drafter {
                 let l = l?;
                 self.costs.observe(1, secs);
                 steps += 1;
-                next = argmax(l.last());
+                (next, q_next) = pick.pick(l.last());
             }
-            return Ok(tree(vec![chain], steps));
+            return Ok(tree(vec![chain], sampled.then(|| vec![qs]), steps));
         }
         // Several branches: drop the probe token, fork from the context.
         self.seq.truncate(self.seq.len() - 1)?;
@@ -223,6 +285,15 @@ impl Drafter {
         let batched_steps = (((gamma - 1) as f64 / ratio).floor() as usize).min(gamma - 1);
         let longest = 1 + batched_steps;
         let mut full: Vec<Vec<u32>> = heads.iter().map(|&h| vec![h]).collect();
+        let mut qs: Vec<Vec<Distribution>> = heads
+            .iter()
+            .map(|&h| {
+                sampled
+                    .then(|| Distribution::point(h))
+                    .into_iter()
+                    .collect()
+            })
+            .collect();
         let rows = if longest > 1 {
             let mut rows = self.seq.fork(heads.len())?;
             let mut toks = heads.clone();
@@ -230,9 +301,11 @@ impl Drafter {
                 let (l, secs) = timed(|| lm.extend_branches(&mut rows, &toks));
                 let l = l?;
                 self.costs.observe(heads.len(), secs);
-                toks = (0..heads.len()).map(|j| argmax(l.row(j))).collect();
-                for (f, &t) in full.iter_mut().zip(&toks) {
-                    f.push(t);
+                for (j, ((f, q), t)) in full.iter_mut().zip(&mut qs).zip(&mut toks).enumerate() {
+                    let (next, q_next) = pick.pick(l.row(j));
+                    *t = next;
+                    f.push(next);
+                    q.extend(q_next);
                 }
             }
             Some(rows)
@@ -246,13 +319,18 @@ impl Drafter {
             rows,
             full: full.clone(),
         });
-        Ok(tree(full, steps))
+        Ok(tree(full, sampled.then_some(qs), steps))
     }
 }
 
-fn tree(branches: Vec<Vec<u32>>, forward_steps: usize) -> DraftTree {
+fn tree(
+    branches: Vec<Vec<u32>>,
+    proposals: Option<Vec<Vec<Distribution>>>,
+    forward_steps: usize,
+) -> DraftTree {
     DraftTree {
         branches,
+        proposals: proposals.unwrap_or_default(),
         forward_steps,
         secs: 0.0,
     }

@@ -19,7 +19,7 @@ pub use session::{
 pub use verifier::{Forward, TargetVerdict, Verifier};
 
 use crate::runtime::{CausalLm, Device, ModelOptions, RuntimeError};
-use crate::sampling::{Rng, SamplingParams, rng_from_seed};
+use crate::sampling::{Distribution, Rng, SamplingParams, draft_rng, rng_from_seed};
 use crate::spec::budget::{BudgetConfig, BudgetController};
 use crate::spec::round::RoundError;
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -176,7 +176,10 @@ impl Engine {
                 sink,
             );
         }
-        let drafter = Drafter::new(&self.draft)?;
+        let mut drafter = Drafter::new(&self.draft)?;
+        if !params.greedy_drafts {
+            drafter = drafter.with_sampling(params.sampling, draft_rng(params.seed));
+        }
         let draft_lm = &mut self.draft;
         let pin = self.pin_cores;
         let (tokenizer, limits, budget) = (&self.tokenizer, &self.limits, &mut self.budget);
@@ -285,12 +288,14 @@ impl TargetSide for LocalTarget<'_> {
         keep: usize,
         feed: &[u32],
         tail: &[u32],
+        proposals: &[Distribution],
     ) -> Result<TargetVerdict, EngineError> {
         Ok(self.verifier.verify(
             self.lm,
             keep,
             feed,
             tail,
+            proposals,
             &self.sampling,
             &mut self.rng,
             self.logprobs,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::EngineError;
 use super::drafter::{DraftJob, DraftTree};
 use super::verifier::TargetVerdict;
-use crate::sampling::SamplingParams;
+use crate::sampling::{Distribution, SamplingParams};
 use crate::spec::budget::{BudgetController, BudgetReport};
 use crate::spec::policy::BranchPolicy;
 use crate::spec::round::{DraftSync, Round};
@@ -71,6 +71,11 @@ pub struct GenerateParams {
     pub max_branches: usize,
     /// Return the target's log-probabilities of the emitted tokens.
     pub logprobs: bool,
+    /// At temperature > 0, draft by sampling from the draft's own processed
+    /// distribution and verify with `min(1, p/q)` (the default), or draft
+    /// greedily (point-mass proposals; accepted with probability `p(x)`).
+    /// Either way the output follows the target's distribution exactly.
+    pub greedy_drafts: bool,
 }
 
 /// γ for speculative mode when none is given.
@@ -89,6 +94,7 @@ impl Default for GenerateParams {
             gamma: None,
             max_branches: 4,
             logprobs: false,
+            greedy_drafts: false,
         }
     }
 }
@@ -155,12 +161,15 @@ pub trait TargetSide {
     /// Rolls the target's cache back to `keep` tokens, feeds `feed` (whose
     /// last `tail.len()` tokens are the unverified tail) and verifies the
     /// tail next to the logits, with the generation's sampling settings and
-    /// seeded RNG (which live on the target side).
+    /// seeded RNG (which live on the target side): against `proposals` (the
+    /// distributions the tail was sampled from, one per token) with
+    /// `min(1, p/q)`, or as a deterministic draft when there are none.
     fn verify(
         &mut self,
         keep: usize,
         feed: &[u32],
         tail: &[u32],
+        proposals: &[Distribution],
     ) -> Result<TargetVerdict, EngineError>;
 }
 
@@ -380,6 +389,7 @@ pub fn run(
                         sync,
                         gamma,
                         policy: BranchPolicy::new(1),
+                        first_verified: true,
                     };
                     match d.submit(job).and_then(|()| d.collect()) {
                         Ok(tree) => {
@@ -390,10 +400,13 @@ pub fn run(
                             draft_rounds += 1;
                             let mut chain = tree.branches.first().cloned().unwrap_or_default();
                             chain.truncate(gamma);
-                            round.set_tail(chain)?;
+                            let mut qs = tree.proposals.first().cloned().unwrap_or_default();
+                            qs.truncate(chain.len());
+                            round.set_tail(chain, qs)?;
                             // The chain became the tail: no branches for the next token.
                             drafted_now = Some(DraftTree {
                                 branches: Vec::new(),
+                                proposals: Vec::new(),
                                 ..tree
                             });
                         }
@@ -420,6 +433,7 @@ pub fn run(
                         sync,
                         gamma,
                         policy,
+                        first_verified: false,
                     }) {
                         Ok(()) => {
                             drafting = true;
@@ -433,7 +447,12 @@ pub fn run(
             }
         }
         // 2. The target verifies the pending tail and draws the next token.
-        let verdict = target.verify(keep, &round.target_feed(), round.tail())?;
+        let verdict = target.verify(
+            keep,
+            &round.target_feed(),
+            round.tail(),
+            round.tail_proposals(),
+        )?;
         stats.target_busy_ms += verdict.secs * 1e3;
         if params.mode == Mode::Speculative {
             stats.draft_idle_ms += verdict.secs * 1e3;
@@ -477,17 +496,17 @@ pub fn run(
                 Err(e) => health.failed(d, e, &mut stats)?,
             }
         }
-        let branches: &[Vec<u32>] = match &drafted_now {
+        let (branches, proposals): (&[Vec<u32>], &[Vec<Distribution>]) = match &drafted_now {
             Some(t) => {
                 stats.draft_busy_ms += t.secs * 1e3;
                 if t.forward_steps > 0 && !first_round {
                     budget.observe_draft(t.tokens(), t.forward_steps, t.secs);
                 }
-                &t.branches
+                (&t.branches, &t.proposals)
             }
-            None => &[],
+            None => (&[], &[]),
         };
-        let out = round.apply(verdict.verdict, branches)?;
+        let out = round.apply(verdict.verdict, branches, proposals)?;
         debug_assert_eq!(out.committed, committed);
         // Only verified tokens are ever emitted: the output so far is a
         // prefix of what the round state machine committed.

@@ -14,8 +14,8 @@
 use std::time::Instant;
 
 use crate::runtime::{CausalLm, Logits, RuntimeError, Sequence};
-use crate::sampling::{Rng, SamplingParams, log_softmax_at};
-use crate::spec::verify::{ChainVerdict, verify_deterministic};
+use crate::sampling::{Distribution, Rng, SamplingParams, log_softmax_at};
+use crate::spec::verify::{ChainVerdict, verify_deterministic, verify_sampled};
 
 /// The target's answer for one round.
 #[derive(Debug, Clone)]
@@ -50,12 +50,14 @@ pub struct Forward {
 
 impl Forward {
     /// Verifies the tail on the processed distributions (one per tail token
-    /// plus one for the token after it) with [`verify_deterministic`],
-    /// drawing with `rng`, and adds the committed tokens' log-probabilities
-    /// when `want_logprobs`.
+    /// plus one for the token after it) — with [`verify_sampled`] against
+    /// `proposals` (one per tail token: what each was sampled from), or with
+    /// [`verify_deterministic`] when there are none — drawing with `rng`,
+    /// and adds the committed tokens' log-probabilities when `want_logprobs`.
     pub fn judge(
         self,
         sampling: &SamplingParams,
+        proposals: &[Distribution],
         rng: &mut Rng,
         want_logprobs: bool,
     ) -> Result<TargetVerdict, RuntimeError> {
@@ -63,8 +65,12 @@ impl Forward {
         let dists: Vec<_> = rows
             .map(|i| sampling.distribution(self.logits.row(i)))
             .collect();
-        let verdict = verify_deterministic(&dists, &self.tail, rng)
-            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let verdict = if proposals.is_empty() {
+            verify_deterministic(&dists, &self.tail, rng)
+        } else {
+            verify_sampled(&dists, &self.tail, proposals, rng)
+        }
+        .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let logprobs = if want_logprobs {
             self.tail[..verdict.accepted]
                 .iter()
@@ -150,7 +156,8 @@ impl Verifier {
 
     /// [`Self::forward`] then [`Forward::judge`]: rolls back, feeds `feed`
     /// (whose last `tail.len()` tokens are the unverified tail) and verifies
-    /// the tail on the processed distributions, drawing with `rng`.
+    /// the tail on the processed distributions (against `proposals`, if
+    /// any), drawing with `rng`.
     #[allow(clippy::too_many_arguments)]
     pub fn verify(
         &mut self,
@@ -158,12 +165,13 @@ impl Verifier {
         keep: usize,
         feed: &[u32],
         tail: &[u32],
+        proposals: &[Distribution],
         sampling: &SamplingParams,
         rng: &mut Rng,
         want_logprobs: bool,
     ) -> Result<TargetVerdict, RuntimeError> {
         self.forward(lm, keep, feed, tail)?
-            .judge(sampling, rng, want_logprobs)
+            .judge(sampling, proposals, rng, want_logprobs)
     }
 }
 

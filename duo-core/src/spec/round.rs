@@ -24,7 +24,9 @@
 
 use serde::Serialize;
 
-use super::verify::{ChainVerdict, VerifyError, choose_branch, verify_deterministic};
+use super::verify::{
+    ChainVerdict, VerifyError, choose_branch, verify_deterministic, verify_sampled,
+};
 use crate::sampling::{Distribution, Rng};
 
 /// How the draft must change its state before drafting: optionally adopt
@@ -88,6 +90,8 @@ pub enum RoundError {
     EmptyBranch,
     #[error("set_tail is only allowed on a round with no pending tail")]
     TailAlreadySet,
+    #[error("{got} proposals for {tokens} drafted tokens (give one per token, or none)")]
+    Proposals { got: usize, tokens: usize },
     #[error(transparent)]
     Verify(#[from] VerifyError),
 }
@@ -98,6 +102,9 @@ pub struct Round {
     committed: Vec<u32>,
     prompt_len: usize,
     tail: Vec<u32>,
+    /// The proposals the tail's tokens were sampled from (one per tail
+    /// token), or empty when they were chosen deterministically.
+    tail_q: Vec<Distribution>,
     target_len: usize,
     draft_sync: DraftSync,
 }
@@ -116,6 +123,7 @@ impl Round {
             prompt_len: prompt.len(),
             committed: prompt,
             tail: Vec::new(),
+            tail_q: Vec::new(),
             target_len: 0,
             draft_sync,
         }
@@ -134,6 +142,13 @@ impl Round {
     /// The pending branch's unverified tail.
     pub fn tail(&self) -> &[u32] {
         &self.tail
+    }
+
+    /// The proposals the tail was sampled from (one per tail token), or
+    /// empty when it was drafted deterministically: verification then uses
+    /// `verify_sampled` instead of `verify_deterministic`.
+    pub fn tail_proposals(&self) -> &[Distribution] {
+        &self.tail_q
     }
 
     /// Tokens the target must feed this round (never empty).
@@ -178,24 +193,38 @@ impl Round {
     }
 
     /// Speculative (sequential) mode: the draft's chain, drafted from `C`,
-    /// becomes this round's tail, to be verified by the target feed.
-    /// The draft's context now ends with the chain, which `resolve` rolls back
-    /// as needed.
-    pub fn set_tail(&mut self, chain: Vec<u32>) -> Result<(), RoundError> {
+    /// becomes this round's tail, to be verified by the target feed, with
+    /// the proposals its tokens were sampled from (one per token, or none
+    /// for a deterministic chain). The draft's context now ends with the
+    /// chain, which `resolve` rolls back as needed.
+    pub fn set_tail(
+        &mut self,
+        chain: Vec<u32>,
+        proposals: Vec<Distribution>,
+    ) -> Result<(), RoundError> {
         if !self.tail.is_empty() {
             return Err(RoundError::TailAlreadySet);
         }
+        if !proposals.is_empty() && proposals.len() != chain.len() {
+            return Err(RoundError::Proposals {
+                got: proposals.len(),
+                tokens: chain.len(),
+            });
+        }
         self.tail = chain;
+        self.tail_q = proposals;
         Ok(())
     }
 
     /// Verifies this round on the target's distributions for the fed tokens
     /// (`dists[i]` follows fed token i; only the last `tail.len() + 1` are
-    /// used), then applies the verdict (see [`Self::apply`]).
+    /// used) — with `verify_sampled` when the tail came with proposals —
+    /// then applies the verdict (see [`Self::apply`]).
     pub fn resolve(
         &mut self,
         dists: &[Distribution],
         branches: &[Vec<u32>],
+        proposals: &[Vec<Distribution>],
         rng: &mut Rng,
     ) -> Result<RoundOutcome, RoundError> {
         let m = self.tail.len();
@@ -207,8 +236,13 @@ impl Round {
                 needed: m + 1,
             });
         }
-        let verdict = verify_deterministic(&dists[dists.len() - m - 1..], &self.tail, rng)?;
-        self.apply(verdict, branches)
+        let target = &dists[dists.len() - m - 1..];
+        let verdict = if self.tail_q.is_empty() {
+            verify_deterministic(target, &self.tail, rng)?
+        } else {
+            verify_sampled(target, &self.tail, &self.tail_q, rng)?
+        };
+        self.apply(verdict, branches, proposals)
     }
 
     /// The tokens [`Self::apply`] would commit for `verdict` (accepted tail,
@@ -229,14 +263,17 @@ impl Round {
     /// Applies a verification verdict on this round's tail (computed next to
     /// the target's logits, locally or in the target service) and the
     /// draft's `branches` for the token after the tail (empty in
-    /// autoregressive and speculative mode; heads distinct): commits the
-    /// accepted tail and `next`, picks the branch headed by `next` as the new
-    /// pending branch, and computes what each side keeps. On error nothing
-    /// changes.
+    /// autoregressive and speculative mode; heads distinct) with their
+    /// `proposals` (one per branch, each one per token; or none when drafted
+    /// deterministically): commits the accepted tail and `next`, picks the
+    /// branch headed by `next` as the new pending branch (its head matched
+    /// the target's own draw; the rest, with its proposals, is the new
+    /// tail), and computes what each side keeps. On error nothing changes.
     pub fn apply(
         &mut self,
         verdict: ChainVerdict,
         branches: &[Vec<u32>],
+        proposals: &[Vec<Distribution>],
     ) -> Result<RoundOutcome, RoundError> {
         let ChainVerdict { accepted, next } = verdict;
         let m = self.tail.len();
@@ -246,8 +283,21 @@ impl Round {
         if branches.iter().any(Vec::is_empty) {
             return Err(RoundError::EmptyBranch);
         }
+        if !proposals.is_empty()
+            && (proposals.len() != branches.len()
+                || proposals
+                    .iter()
+                    .zip(branches)
+                    .any(|(q, b)| q.len() != b.len()))
+        {
+            return Err(RoundError::Proposals {
+                got: proposals.iter().map(Vec::len).sum(),
+                tokens: branches.iter().map(Vec::len).sum(),
+            });
+        }
         let old_len = self.committed.len();
         let tail = std::mem::take(&mut self.tail);
+        self.tail_q.clear();
         let mut committed_now = tail[..accepted].to_vec();
         committed_now.push(next);
         self.committed.extend_from_slice(&committed_now);
@@ -261,6 +311,9 @@ impl Round {
         match hit {
             Some(j) => {
                 self.tail = branches[j][1..].to_vec();
+                if let Some(q) = proposals.get(j) {
+                    self.tail_q = q[1..].to_vec();
+                }
                 self.draft_sync = DraftSync {
                     adopt: Some(j),
                     keep: self.committed.len() + self.tail.len(),
@@ -306,7 +359,7 @@ mod tests {
     fn full_sync_rebuilds_the_same_draft_context() {
         let mut r = Round::new(vec![1, 2, 3]);
         let d = greedy(&[9, 9, 10]);
-        r.resolve(&d, &[vec![10, 20, 21]], &mut rng_from_seed(0))
+        r.resolve(&d, &[vec![10, 20, 21]], &[], &mut rng_from_seed(0))
             .unwrap();
         let full = r.full_draft_sync();
         assert_eq!(full.adopt, None);
@@ -323,7 +376,12 @@ mod tests {
         // Target's distributions for the 3 fed tokens; the last says 10.
         let d = greedy(&[9, 9, 10]);
         let out = r
-            .resolve(&d, &[vec![11, 12], vec![10, 20, 21]], &mut rng_from_seed(0))
+            .resolve(
+                &d,
+                &[vec![11, 12], vec![10, 20, 21]],
+                &[],
+                &mut rng_from_seed(0),
+            )
             .unwrap();
         assert_eq!(out.committed, vec![10]);
         assert_eq!(out.branch_hit, Some(1));
@@ -344,7 +402,7 @@ mod tests {
     #[test]
     fn all_accepted_then_branch_miss_goes_pre_verify() {
         let mut r = Round::new(vec![1]);
-        r.resolve(&greedy(&[5]), &[vec![5, 6, 7]], &mut rng_from_seed(0))
+        r.resolve(&greedy(&[5]), &[vec![5, 6, 7]], &[], &mut rng_from_seed(0))
             .unwrap();
         assert_eq!(r.target_feed(), vec![5, 6, 7]);
         // Target agrees with 6 and 7, then draws 8; the new branches start with 30/31.
@@ -352,6 +410,7 @@ mod tests {
             .resolve(
                 &greedy(&[6, 7, 8]),
                 &[vec![30, 1], vec![31]],
+                &[],
                 &mut rng_from_seed(0),
             )
             .unwrap();
@@ -381,8 +440,13 @@ mod tests {
     fn rejection_at_each_position_rolls_back_both_sides() {
         for reject_at in 0..3 {
             let mut r = Round::new(vec![1]);
-            r.resolve(&greedy(&[5]), &[vec![5, 6, 7, 8]], &mut rng_from_seed(0))
-                .unwrap();
+            r.resolve(
+                &greedy(&[5]),
+                &[vec![5, 6, 7, 8]],
+                &[],
+                &mut rng_from_seed(0),
+            )
+            .unwrap();
             assert_eq!(r.tail(), &[6, 7, 8]);
             let mut target_says = vec![6, 7, 8, 9];
             target_says[reject_at] = 99;
@@ -390,6 +454,7 @@ mod tests {
                 .resolve(
                     &greedy(&target_says),
                     &[vec![40], vec![41]],
+                    &[],
                     &mut rng_from_seed(0),
                 )
                 .unwrap();
@@ -415,15 +480,15 @@ mod tests {
     #[test]
     fn speculative_mode_sets_chain_as_tail() {
         let mut r = Round::new(vec![1, 2]);
-        r.resolve(&greedy(&[0, 3]), &[], &mut rng_from_seed(0))
+        r.resolve(&greedy(&[0, 3]), &[], &[], &mut rng_from_seed(0))
             .unwrap(); // prefill, AR-style
         assert_eq!(r.committed(), &[1, 2, 3]);
-        r.set_tail(vec![4, 5, 6]).unwrap();
-        assert!(r.set_tail(vec![1]).is_err());
+        r.set_tail(vec![4, 5, 6], vec![]).unwrap();
+        assert!(r.set_tail(vec![1], vec![]).is_err());
         assert_eq!(r.target_feed(), vec![3, 4, 5, 6]);
         assert_eq!(r.target_feed_len(), 4);
         let out = r
-            .resolve(&greedy(&[4, 5, 6, 7]), &[], &mut rng_from_seed(0))
+            .resolve(&greedy(&[4, 5, 6, 7]), &[], &[], &mut rng_from_seed(0))
             .unwrap();
         assert_eq!(out.committed, vec![4, 5, 6, 7]);
         assert_eq!(r.target_keep(), 6);
@@ -433,14 +498,14 @@ mod tests {
     #[test]
     fn protocol_errors_are_reported() {
         let mut r = Round::new(vec![1]);
-        r.resolve(&greedy(&[5]), &[vec![5, 6, 7]], &mut rng_from_seed(0))
+        r.resolve(&greedy(&[5]), &[vec![5, 6, 7]], &[], &mut rng_from_seed(0))
             .unwrap();
         assert!(matches!(
-            r.resolve(&greedy(&[6]), &[], &mut rng_from_seed(0)),
+            r.resolve(&greedy(&[6]), &[], &[], &mut rng_from_seed(0)),
             Err(RoundError::TooFewDistributions { .. })
         ));
         assert_eq!(
-            r.resolve(&greedy(&[6, 7, 8]), &[vec![]], &mut rng_from_seed(0)),
+            r.resolve(&greedy(&[6, 7, 8]), &[vec![]], &[], &mut rng_from_seed(0)),
             Err(RoundError::EmptyBranch)
         );
         // A failed resolve changed nothing.
