@@ -33,6 +33,19 @@ pub struct BenchArgs {
     duo_gamma: Option<usize>,
     #[arg(long, default_value_t = 4)]
     max_branches: usize,
+    /// Sampling temperature (0 = greedy: then the modes' outputs are
+    /// checked for identity; at T > 0 they are samples and are not).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// How the draft picks tokens at T > 0.
+    #[arg(long, value_enum, default_value = "sampled")]
+    draft_sampling: crate::DraftSampling,
     /// Skip the 2-thread autoregressive reference.
     #[arg(long)]
     no_ar2: bool,
@@ -69,6 +82,7 @@ struct ModeTotals {
     gamma_sum: f64,
     runs: usize,
     k_rounds: std::collections::BTreeMap<usize, usize>,
+    draft_wire_bytes: usize,
 }
 
 impl ModeTotals {
@@ -85,6 +99,7 @@ impl ModeTotals {
         self.draft_busy_ms += s.draft_busy_ms;
         self.draft_idle_ms += s.draft_idle_ms;
         self.gamma_sum += s.gamma_mean;
+        self.draft_wire_bytes += s.draft_wire_bytes;
         self.runs += 1;
         for (k, n) in &s.k_hist {
             *self.k_rounds.entry(*k).or_default() += n;
@@ -98,6 +113,9 @@ impl ModeTotals {
     }
     fn mean_accepted(&self) -> f64 {
         self.tokens as f64 / self.rounds.max(1) as f64
+    }
+    fn wire_bytes_per_round(&self) -> f64 {
+        self.draft_wire_bytes as f64 / self.rounds.max(1) as f64
     }
     fn summary(&self) -> serde_json::Value {
         json!({
@@ -115,6 +133,7 @@ impl ModeTotals {
             "draft_ms_per_round": self.draft_busy_ms / self.rounds.max(1) as f64,
             "gamma_mean": self.gamma_sum / self.runs.max(1) as f64,
             "k_rounds": self.k_rounds,
+            "draft_wire_bytes_per_round": self.wire_bytes_per_round(),
         })
     }
 }
@@ -207,6 +226,12 @@ fn params(args: &BenchArgs, mode: Mode) -> GenerateParams {
             Mode::Autoregressive => None,
         },
         max_branches: args.max_branches,
+        sampling: duo_core::sampling::SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+        },
+        greedy_drafts: args.draft_sampling == crate::DraftSampling::Greedy,
         ..GenerateParams::default()
     }
 }
@@ -328,8 +353,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             outs.push(g);
         }
         ar_outputs.push(outs[0].tokens.clone());
+        // Greedy outputs must be identical across modes; samples differ.
+        let greedy = args.temperature == 0.0;
         for (mi, g) in outs.iter().enumerate().skip(1) {
-            if g.tokens != outs[0].tokens {
+            if greedy && g.tokens != outs[0].tokens {
                 divergences += 1;
                 let at = g
                     .tokens
@@ -412,7 +439,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "fraction_of_limit": duo_over_ar / limit.max(1e-9),
         "mean_accepted": duo.mean_accepted(),
         "sps_mean_accepted": sps.mean_accepted(),
-        "identical": divergences == 0,
+        "identical": (args.temperature == 0.0).then_some(divergences == 0),
+        "temperature": args.temperature,
+        "draft_sampling": args.draft_sampling,
+        "duo_acceptance_rate": duo.accepted as f64 / duo.drafted.max(1) as f64,
+        "sps_acceptance_rate": sps.accepted as f64 / sps.drafted.max(1) as f64,
+        "duo_wire_bytes_per_round": duo.wire_bytes_per_round(),
+        "sps_wire_bytes_per_round": sps.wire_bytes_per_round(),
         "near_tie_divergences": near_ties,
         "hard_divergences": divergences - near_ties,
         "ar_tokens_per_s": ar.tokens_per_s(),
@@ -558,7 +591,7 @@ fn run_grpc(
                 &params(args, *m),
                 |_| {},
             )?;
-            if g.tokens != ar_outputs[i] {
+            if args.temperature == 0.0 && g.tokens != ar_outputs[i] {
                 identical = false;
                 eprintln!("prompt {i}: {m} over gRPC differs from in-process autoregressive");
             }

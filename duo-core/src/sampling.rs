@@ -561,22 +561,6 @@ impl Distribution {
         Ok(Self { entries })
     }
 
-    /// The `n` most likely entries (at least one), renormalised: a proposal
-    /// of bounded size to sample drafts from (see
-    /// [`crate::spec::verify::MAX_PROPOSAL_ENTRIES`]). Unchanged when it
-    /// already has at most `n` entries.
-    pub fn truncated(&self, n: usize) -> Self {
-        if self.entries.len() <= n.max(1) {
-            return self.clone();
-        }
-        Self::from_weights(
-            self.entries[..n.max(1)]
-                .iter()
-                .map(|&(t, p)| (t, f64::from(p)))
-                .collect(),
-        )
-    }
-
     /// Normalises non-negative weights; zero, negative and non-finite
     /// weights are dropped, and so are tokens whose probability comes out
     /// below `f32::MIN_POSITIVE`; the rest is sorted. An empty or all-zero

@@ -12,9 +12,7 @@ use duo_core::sampling::{
     Distribution, Rng, SamplingParams, argmax, draft_rng, rng_from_seed, top_softmax,
 };
 use duo_core::spec::budget::{BudgetConfig, BudgetController};
-use duo_core::spec::verify::{
-    ChainVerdict, MAX_PROPOSAL_ENTRIES, verify_deterministic, verify_sampled,
-};
+use duo_core::spec::verify::{ChainVerdict, verify_deterministic, verify_sampled};
 use duo_core::stats::chi_square;
 use duo_core::tokenizer::Tokenizer;
 
@@ -124,9 +122,7 @@ impl ToyDraft {
         match &mut self.sampled {
             None => (argmax(&draft_logits(prev)), None),
             Some((params, rng)) => {
-                let q = params
-                    .distribution(&draft_logits(prev))
-                    .truncated(MAX_PROPOSAL_ENTRIES);
+                let q = duo_core::engine::proposal(params, &draft_logits(prev));
                 (q.sample(rng), Some(q))
             }
         }

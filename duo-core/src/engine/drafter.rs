@@ -59,6 +59,18 @@ impl DraftTree {
     pub fn tokens(&self) -> usize {
         self.branches.iter().map(Vec::len).sum()
     }
+
+    /// Bytes of the token ids and proposals as duo.proto carries them (4 per
+    /// id, 8 per proposal entry; protobuf framing excluded).
+    pub fn wire_bytes(&self) -> usize {
+        let entries: usize = self
+            .proposals
+            .iter()
+            .flatten()
+            .map(|q| q.entries().len())
+            .sum();
+        4 * self.tokens() + 8 * entries
+    }
 }
 
 /// Branches drafted by the last multi-branch call.
@@ -84,6 +96,20 @@ pub struct Drafter {
     sampling: Option<(SamplingParams, Rng)>,
 }
 
+/// The proposal a sampled draft draws from: its processed distribution
+/// (the generation's temperature and top-p) over at most
+/// [`MAX_PROPOSAL_ENTRIES`] most likely tokens (a top-k of that size, or
+/// the request's smaller one). Any proposal keeps verification exact as
+/// long as the one sent is the one drawn from; bounding it by top-k also
+/// keeps its cost to a partial selection instead of a vocabulary sort.
+pub fn proposal(params: &SamplingParams, logits: &[f32]) -> Distribution {
+    let top_k = match params.top_k {
+        0 => MAX_PROPOSAL_ENTRIES,
+        k => k.min(MAX_PROPOSAL_ENTRIES),
+    };
+    SamplingParams { top_k, ..*params }.distribution(logits)
+}
+
 /// How the draft picks each token after a branch head: greedily, or sampled
 /// from its proposal (recording the proposal).
 enum Pick<'a> {
@@ -97,7 +123,7 @@ impl Pick<'_> {
         match self {
             Pick::Greedy => (argmax(logits), None),
             Pick::Sampled(params, rng) => {
-                let q = params.distribution(logits).truncated(MAX_PROPOSAL_ENTRIES);
+                let q = proposal(params, logits);
                 (q.sample(rng), Some(q))
             }
         }

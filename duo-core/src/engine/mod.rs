@@ -12,7 +12,7 @@ pub mod verifier;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-pub use drafter::{DraftJob, DraftTree, Drafter};
+pub use drafter::{DraftJob, DraftTree, Drafter, proposal};
 pub use session::{
     DraftSide, GenerateParams, Generation, Limits, Mode, Recovery, Stats, TargetSide,
 };

@@ -142,6 +142,10 @@ pub struct Stats {
     pub draft_failures: usize,
     /// Rounds run target-only because no draft was available.
     pub draftless_rounds: usize,
+    /// Bytes of the draft trees as duo.proto carries them (4 per token id,
+    /// 8 per proposal entry; framing excluded): what sampled drafting adds
+    /// to the wire.
+    pub draft_wire_bytes: usize,
 }
 
 /// A finished generation.
@@ -394,6 +398,8 @@ pub fn run(
                     match d.submit(job).and_then(|()| d.collect()) {
                         Ok(tree) => {
                             health.fresh = false;
+                            // The chain becomes the tail below: its bytes count here.
+                            stats.draft_wire_bytes += tree.wire_bytes();
                             stats.target_idle_ms += round_start.elapsed().as_secs_f64() * 1e3;
                             gamma_sum += gamma;
                             *stats.gamma_hist.entry(gamma).or_default() += 1;
@@ -499,6 +505,7 @@ pub fn run(
         let (branches, proposals): (&[Vec<u32>], &[Vec<Distribution>]) = match &drafted_now {
             Some(t) => {
                 stats.draft_busy_ms += t.secs * 1e3;
+                stats.draft_wire_bytes += t.wire_bytes();
                 if t.forward_steps > 0 && !first_round {
                     budget.observe_draft(t.tokens(), t.forward_steps, t.secs);
                 }

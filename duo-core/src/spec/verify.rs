@@ -16,8 +16,8 @@ use rand::Rng as _;
 use crate::sampling::{Distribution, Rng};
 
 /// Most entries a drafted token's proposal may have on the wire: a sampled
-/// draft draws from its processed distribution truncated to this many most
-/// likely tokens (renormalised) and sends exactly that distribution, so the
+/// draft draws from its processed distribution with top-k at most this
+/// (`engine::proposal`) and sends exactly that distribution, so the
 /// verifier's `q` is the one the token was drawn from.
 pub const MAX_PROPOSAL_ENTRIES: usize = 64;
 
