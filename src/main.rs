@@ -229,9 +229,13 @@ struct GenerateArgs {
     /// How the draft picks tokens at temperature > 0.
     #[arg(long, value_enum, default_value = "sampled")]
     draft_sampling: DraftSampling,
-    /// Print the stats as JSON instead of a line.
+    /// Print one JSON object to stdout at the end (text, token_ids,
+    /// finish_reason, stats) instead of streaming the text.
     #[arg(long)]
     json: bool,
+    /// Also print the generated token ids (stderr, after the stats line).
+    #[arg(long)]
+    ids: bool,
     /// Stream from a running orchestrator (e.g. 127.0.0.1:50051) instead of in-process models.
     #[arg(long, env = "DUO_ENDPOINT")]
     endpoint: Option<String>,
@@ -289,11 +293,19 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         logprobs: false,
         greedy_drafts: a.draft_sampling == DraftSampling::Greedy,
     };
+    // With --json, stdout gets one JSON object at the end (text, token ids,
+    // finish reason, stats) and nothing else; otherwise the prompt and the
+    // text as it is verified, and a stats line on stderr.
     let mut out = std::io::stdout();
-    print!("{}", a.prompt);
+    if !a.json {
+        print!("{}", a.prompt);
+    }
+    let stream = !a.json;
     let mut show = |text: &str| {
-        let _ = write!(out, "{text}");
-        let _ = out.flush();
+        if stream {
+            let _ = write!(out, "{text}");
+            let _ = out.flush();
+        }
     };
     let g = match &a.endpoint {
         Some(endpoint) => {
@@ -309,11 +321,22 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             })?
         }
     };
-    println!();
     if a.json {
-        eprintln!("{}", serde_json::to_string(&g.stats)?);
+        println!(
+            "{}",
+            serde_json::json!({
+                "text": g.text,
+                "token_ids": g.tokens,
+                "finish_reason": g.finish_reason,
+                "stats": g.stats,
+            })
+        );
     } else {
+        println!();
         eprintln!("{}", stats_line(&g));
+        if a.ids {
+            eprintln!("token ids: {:?}", g.tokens);
+        }
     }
     Ok(())
 }
@@ -322,7 +345,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 pub fn stats_line(g: &duo_core::engine::Generation) -> String {
     let s = &g.stats;
     format!(
-        "[{}] {} tokens in {:.1} ms ({:.1} tok/s), TTFT {:.1} ms, {} rounds, mean accepted {:.2}, drafted {} accepted {}, gamma {:.1}, k {:?}, idle target {:.0}% draft {:.0}%, finish {:?}",
+        "[{}] {} tokens in {:.1} ms ({:.1} tok/s), TTFT {:.1} ms, {} rounds, {:.2} tokens/round, drafted {} accepted {}, gamma {:.1}, k {:?}, idle target {:.0}% draft {:.0}%, finish {:?}",
         s.mode,
         s.new_tokens,
         s.total_ms,

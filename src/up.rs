@@ -89,7 +89,9 @@ fn spawn(name: &str, args: &[String], log: bool) -> anyhow::Result<(String, Chil
 }
 
 /// Starts target, draft workers and orchestrator; returns when the
-/// orchestrator answers `Info` (the target is loaded and compatible).
+/// orchestrator answers `Info` (the target is loaded and compatible) and
+/// reports every draft worker healthy (loaded, serving, compatible): ready
+/// means a first request drafts.
 pub fn start(
     m: &ModelArgs,
     port: u16,
@@ -167,13 +169,25 @@ pub fn start(
                 bail!("{name} exited during start-up ({status}); run it by hand to see why");
             }
         }
-        if let Ok(mut r) = Remote::connect(&dep.endpoint)
-            && r.info().is_ok()
+        let info = Remote::connect(&dep.endpoint).and_then(|mut r| r.info());
+        if let Ok(info) = &info
+            && info.draft_pool.len() == drafts
+            && info.draft_pool.iter().all(|w| w.state == "healthy")
         {
             return Ok(dep);
         }
         if Instant::now() > deadline {
-            bail!("the services did not become ready within 60 s");
+            let waiting = match info {
+                Ok(i) => i
+                    .draft_pool
+                    .iter()
+                    .filter(|w| w.state != "healthy")
+                    .map(|w| format!("{} {}", w.address, w.state))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                Err(e) => format!("the orchestrator: {e}"),
+            };
+            bail!("the services did not become ready within 60 s (waiting for {waiting})");
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -222,3 +222,43 @@ async fn health_and_reflection() {
         );
     }
 }
+
+/// `duo up --demo` (the README's first command) is ready only when its
+/// draft worker serves, so the demo drafts and accepts tokens.
+#[test]
+fn duo_up_demo_drafts() {
+    // A base port with the four ports `duo up` uses (orchestrator, target,
+    // one draft worker) free.
+    let base = (0..50)
+        .map(|_| common::free_port().port())
+        .find(|&p| {
+            p < 65000 && (p..p + 3).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok())
+        })
+        .expect("three free ports in a row");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_duo"))
+        .args(["up", "--port", &base.to_string(), "--max-new-tokens", "48"])
+        .args(["--demo", "KING.\nWhat say you?"])
+        .env("RUST_LOG", "warn,ort=error")
+        .output()
+        .expect("duo up runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "duo up --demo failed: {stderr}");
+    let stats = stderr
+        .lines()
+        .find(|l| l.contains("tokens/round"))
+        .unwrap_or_else(|| panic!("no stats line in: {stderr}"));
+    let count = |what: &str| -> usize {
+        stats
+            .split(&format!("{what} "))
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {what} in {stats}"))
+    };
+    assert!(count("drafted") > 0, "the demo did not draft: {stats}");
+    assert!(count("accepted") > 0, "the demo accepted nothing: {stats}");
+    assert!(
+        !stderr.contains("going on without it"),
+        "the demo lost its draft: {stderr}"
+    );
+}

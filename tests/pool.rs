@@ -364,3 +364,27 @@ async fn a_terminated_worker_reports_not_serving_drains_and_no_request_fails() {
     }
     drop(stop_a);
 }
+
+/// With a draft worker configured (a DNS name) but none ever found, a
+/// generation runs target-only: its rounds are draftless, not draft
+/// failures, and no worker name is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_worker_ever_found_means_draftless_rounds_not_failures() {
+    let dep = common::start_with(Setup {
+        orchestrator_flags: vec!["--draft-dns".into(), "no-such-draft.invalid:50052".into()],
+        ..Setup::drafts(0)
+    })
+    .await;
+    let g = dep
+        .client()
+        .await
+        .generate(greedy("KING. Speak", Mode::Duodecoding, 24))
+        .await
+        .unwrap()
+        .into_inner();
+    let stats = g.stats.unwrap();
+    assert_eq!(stats.draft_failures, 0, "{stats:?}");
+    assert!(stats.draftless_rounds > 0, "{stats:?}");
+    assert_eq!(stats.drafted, 0);
+    assert!(stats.draft_worker.is_empty());
+}

@@ -115,6 +115,10 @@ impl PooledDraft {
 }
 
 impl DraftSide for PooledDraft {
+    fn attached(&self) -> bool {
+        self.current.is_some()
+    }
+
     fn submit(&mut self, job: DraftJob) -> Result<(), EngineError> {
         match &mut self.current {
             Some((d, _)) => d.submit(job),

@@ -204,6 +204,12 @@ pub trait DraftSide {
     fn recover(&mut self) -> Recovery {
         Recovery::GiveUp
     }
+    /// Whether the side holds a draft session now. One that starts without
+    /// (no worker was free) is asked to [`Self::recover`] each round until
+    /// it has one; its missing rounds are draftless, not failures.
+    fn attached(&self) -> bool {
+        true
+    }
 }
 
 /// The loop's view of its draft's health.
@@ -349,9 +355,12 @@ pub fn run(
     let mut draft_rounds = 0usize;
     let mut first_round = true;
     let mut finish = None;
+    // A draft side that starts detached holds no context: once it attaches,
+    // its first job carries a full sync.
+    let attached = draft.as_deref().is_none_or(|d| d.attached());
     let mut health = DraftHealth {
-        ready: true,
-        fresh: false,
+        ready: attached,
+        fresh: !attached,
     };
 
     while finish.is_none() {
