@@ -388,3 +388,44 @@ async fn no_worker_ever_found_means_draftless_rounds_not_failures() {
     assert_eq!(stats.drafted, 0);
     assert!(stats.draft_worker.is_empty());
 }
+
+/// A frozen draft worker (SIGSTOP: its connection stays up, it answers
+/// nothing) costs a generation a few round times, not --draft-timeout-ms:
+/// the draft deadline adapts to the session's tree latency. The timeout is
+/// set to 30 s here; the streams must finish, identical to autoregressive,
+/// well within a third of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_draft_worker_is_failed_over_within_a_few_rounds() {
+    let (a_addr, b_addr) = (common::free_port(), common::free_port());
+    let a = common::draft_process(a_addr);
+    let _b = common::draft_process(b_addr);
+    let dep = common::start_with(Setup {
+        orchestrator_flags: vec![
+            format!("--draft=http://{a_addr}"),
+            format!("--draft=http://{b_addr}"),
+            "--health-interval-ms=200".into(),
+            "--draft-timeout-ms=30000".into(),
+        ],
+        ..Setup::drafts(0)
+    })
+    .await;
+    wait_until(60, "both draft processes healthy", || async {
+        healthy(&pool(&dep).await) == 2
+    })
+    .await;
+    let n = 200;
+    let refs = reference(&dep, n).await;
+    let streams = start_streams(&dep, 4, n).await;
+    a.signal("STOP");
+    let start = std::time::Instant::now();
+    dep.release();
+    let done = finish(streams, &refs).await;
+    let took = start.elapsed();
+    a.signal("CONT");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "a frozen draft worker stalled the generations for {took:?}"
+    );
+    let failures: u32 = done.iter().map(|g| g.stats.draft_failures).sum();
+    assert!(failures >= 1, "no generation noticed the frozen worker");
+}

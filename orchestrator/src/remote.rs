@@ -48,6 +48,15 @@ async fn next_within<T>(
         })?
 }
 
+/// A draft tree may take this many times the session's usual tree latency
+/// before the worker counts as failed (it is then failed over, losslessly).
+const DRAFT_DEADLINE_FACTOR: f64 = 8.0;
+/// The adaptive draft deadline never drops below this: scheduling hiccups
+/// of a busy host must not fail a healthy worker over.
+const DRAFT_DEADLINE_FLOOR: Duration = Duration::from_millis(250);
+/// Weight of each new tree latency in the session's average.
+const DRAFT_LATENCY_ALPHA: f64 = 0.2;
+
 /// A target session.
 pub struct RemoteTarget {
     handle: Handle,
@@ -148,7 +157,15 @@ pub struct RemoteDraft {
     tx: mpsc::Sender<pb::DraftRequest>,
     rx: Streaming<pb::DraftReply>,
     /// Longest wait for one tree: a worker that hangs counts as failed.
+    /// The first tree (a full sync) gets all of it; later ones get
+    /// [`DRAFT_DEADLINE_FACTOR`] times this session's average tree latency
+    /// (at least [`DRAFT_DEADLINE_FLOOR`], at most `timeout`), so a frozen
+    /// worker stalls a generation for a few rounds, not for `timeout`.
     timeout: Duration,
+    /// When the pending job was sent.
+    submitted: Option<std::time::Instant>,
+    /// Average seconds from submit to tree, over this session.
+    latency: duo_core::stats::Ema,
     /// The generation's vocabulary (a tree's proposals are checked against it).
     vocab: usize,
     pub failure: Failure,
@@ -178,6 +195,8 @@ impl RemoteDraft {
                     tx,
                     rx,
                     timeout,
+                    submitted: None,
+                    latency: duo_core::stats::Ema::new(DRAFT_LATENCY_ALPHA),
                     vocab,
                     failure: Failure::default(),
                 },
@@ -208,14 +227,34 @@ impl DraftSide for RemoteDraft {
         };
         let tx = &self.tx;
         let sent = self.handle.block_on(async move { tx.send(req).await });
+        self.submitted = Some(std::time::Instant::now());
         sent.map_err(|_| self.fail(Status::unavailable("draft session closed")))
     }
 
     fn collect(&mut self) -> Result<DraftTree, EngineError> {
-        let (rx, timeout) = (&mut self.rx, self.timeout);
-        let reply = self
-            .handle
-            .block_on(next_within(rx, timeout, "draft", "--draft-timeout-ms"));
+        let deadline = match self.latency.get() {
+            Some(secs) => Duration::from_secs_f64(secs * DRAFT_DEADLINE_FACTOR)
+                .clamp(DRAFT_DEADLINE_FLOOR, self.timeout.max(DRAFT_DEADLINE_FLOOR)),
+            None => self.timeout,
+        };
+        let submitted = self.submitted.take();
+        let waited = submitted.map_or(Duration::ZERO, |t| t.elapsed());
+        let (rx, remaining) = (&mut self.rx, deadline.saturating_sub(waited));
+        let reply = self.handle.block_on(async move {
+            tokio::time::timeout(remaining, rx.message())
+                .await
+                .map_err(|_| {
+                    Status::unavailable(format!(
+                        "no draft within {} ms ({DRAFT_DEADLINE_FACTOR}x the session's tree latency, at most --draft-timeout-ms)",
+                        deadline.as_millis()
+                    ))
+                })?
+        });
+        if reply.is_ok()
+            && let Some(t) = submitted
+        {
+            self.latency.update(t.elapsed().as_secs_f64());
+        }
         match reply {
             Ok(Some(pb::DraftReply {
                 kind: Some(draft_reply::Kind::Tree(t)),

@@ -288,6 +288,14 @@ pub struct Process {
 }
 
 impl Process {
+    /// Sends `signal` (e.g. "STOP", "CONT") with `kill -SIGNAL pid`.
+    pub fn signal(&self, signal: &str) {
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
     /// SIGKILL: the process dies without draining, like a crash.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
