@@ -429,3 +429,49 @@ async fn a_frozen_draft_worker_is_failed_over_within_a_few_rounds() {
     let failures: u32 = done.iter().map(|g| g.stats.draft_failures).sum();
     assert!(failures >= 1, "no generation noticed the frozen worker");
 }
+
+/// A generation that started without a draft (its only worker was not up
+/// yet) takes the worker up within a few rounds once it serves, even with
+/// the periodic health probe far away (here every 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_generation_takes_up_a_draft_worker_once_it_serves() {
+    let a_addr = common::free_port();
+    let dep = common::start_with(Setup {
+        orchestrator_flags: vec![
+            format!("--draft=http://{a_addr}"),
+            "--health-interval-ms=60000".into(),
+        ],
+        drafts_start_later: true,
+        ..Setup::drafts(0)
+    })
+    .await;
+    let n = 300;
+    let refs = reference(&dep, n).await;
+    // The generation starts draftless and is held after its first chunk.
+    let streams = start_streams(&dep, 1, n).await;
+    let _a = common::draft_process(a_addr);
+    let lazy = tonic::transport::Endpoint::from_shared(format!("http://{a_addr}"))
+        .unwrap()
+        .connect_lazy();
+    let health = tonic_health::pb::health_client::HealthClient::new(lazy);
+    wait_until(60, "the late draft worker serving", || {
+        let mut h = health.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest {
+                service: "duo.v1.Draft".into(),
+            })
+            .await
+            .is_ok_and(|r| r.into_inner().status == 1)
+        }
+    })
+    .await;
+    dep.release();
+    let done = finish(streams, &refs).await;
+    let s = &done[0].stats;
+    assert!(s.draftless_rounds > 0, "{s:?}");
+    assert!(
+        s.drafted > 0,
+        "the generation never took the worker up: {s:?}"
+    );
+    assert!(s.draft_worker.contains(&a_addr.to_string()), "{s:?}");
+}

@@ -15,7 +15,7 @@ use duo_core::spec::policy::{BranchPolicy, MAX_BRANCHES};
 use duo_rpc::convert::{sync_from_pb, tree_to_pb};
 use duo_rpc::pb::draft_server::{Draft, DraftServer};
 use duo_rpc::pb::{self, draft_reply, draft_request};
-use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection};
+use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection_v1, reflection_v1alpha};
 use duo_rpc::worker::{LoadedWorker, next_or_close, runtime_status};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -271,7 +271,8 @@ pub async fn serve(
     };
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection()?)
+        .add_service(reflection_v1(pb::draft_server::SERVICE_NAME)?)
+        .add_service(reflection_v1alpha(pb::draft_server::SERVICE_NAME)?)
         .add_service(
             DraftServer::new(svc.clone()).max_decoding_message_size(args.common.max_message_bytes),
         )

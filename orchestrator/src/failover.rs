@@ -151,6 +151,9 @@ impl DraftSide for PooledDraft {
             tracing::info!(worker = ?self.workers.last(), "draft session re-homed");
             Recovery::Ready
         } else {
+            // Nobody free now: have the workers probed soon, so one that
+            // starts serving is taken up within a few rounds.
+            self.pool.request_probe();
             Recovery::Later
         }
     }

@@ -24,7 +24,7 @@ use duo_rpc::convert::{finish_to_pb, mode_from_pb, stats_to_pb};
 use duo_rpc::pb::generation_server::{Generation as GenerationApi, GenerationServer};
 use duo_rpc::pb::target_client::TargetClient;
 use duo_rpc::pb::{self, generate_request};
-use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection};
+use duo_rpc::serve::{CommonArgs, SessionLimiter, reflection_v1, reflection_v1alpha};
 use failover::PooledDraft;
 pub use hold::HoldGate;
 use pool::{DraftPool, PoolConfig, Resolver, SystemResolver};
@@ -93,6 +93,11 @@ pub struct Args {
     /// /v1/chat/completions, /v1/models) on this address.
     #[arg(long, env = "DUO_HTTP_LISTEN")]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Longest time an HTTP client may take to send a request's headers
+    /// (from connecting, or from the previous response), and then its
+    /// body; a slower client's connection is closed. 0 = no limit.
+    #[arg(long, env = "DUO_HTTP_READ_TIMEOUT_MS", default_value_t = 10000)]
+    pub http_read_timeout_ms: u64,
     /// Longest prompt text accepted (bytes; INVALID_ARGUMENT beyond).
     #[arg(long, env = "DUO_MAX_PROMPT_BYTES", default_value_t = 65536)]
     pub max_prompt_bytes: usize,
@@ -686,19 +691,20 @@ pub async fn serve_with(
         tracing::info!(listen = ?http.local_addr().ok(), "OpenAI-compatible HTTP API listening (and /metrics)");
         let app = openai::router(svc.clone()).merge(duo_rpc::metrics::router());
         let stop = stopped(&stop_rx);
+        // Slow clients (slowloris) are cut off; `axum::serve` has no bound.
+        let read_timeout = (args.http_read_timeout_ms > 0).then(|| ms(args.http_read_timeout_ms));
         tokio::spawn(async move {
             // Nagle off, as for gRPC: streamed chunks leave at once.
             let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            if let Err(e) = axum::serve(http, app).with_graceful_shutdown(stop).await {
-                tracing::error!("HTTP server: {e}");
-            }
+            duo_rpc::serve::serve_http(http, app, read_timeout, stop).await;
         });
     }
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection()?)
+        .add_service(reflection_v1(pb::generation_server::SERVICE_NAME)?)
+        .add_service(reflection_v1alpha(pb::generation_server::SERVICE_NAME)?)
         .add_service(
             GenerationServer::new(svc).max_decoding_message_size(args.common.max_message_bytes),
         )

@@ -189,7 +189,14 @@ pub struct DraftPool {
     resolver: Arc<dyn Resolver>,
     /// Why the last incompatible worker was refused.
     incompatible: RwLock<String>,
+    /// A generation without a draft asked for a probe now (see
+    /// [`Self::request_probe`]).
+    probe_wanted: Notify,
 }
+
+/// Least time between two probes that generations without a draft ask for
+/// (on top of the periodic `--health-interval-ms` ones).
+const REQUESTED_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 impl DraftPool {
     /// A pool with the static workers (not probed yet).
@@ -207,6 +214,7 @@ impl DraftPool {
             waiting: AtomicUsize::new(0),
             resolver,
             incompatible: RwLock::new(String::new()),
+            probe_wanted: Notify::new(),
         }))
     }
 
@@ -392,6 +400,14 @@ impl DraftPool {
         }
     }
 
+    /// Asks the pool's task for a probe of every worker soon (at most every
+    /// [`REQUESTED_PROBE_INTERVAL`]): a generation running without a draft
+    /// calls this each round, so it takes up a worker within a few rounds
+    /// of one serving, not at the next periodic probe.
+    pub fn request_probe(&self) {
+        self.probe_wanted.notify_one();
+    }
+
     /// Probes every worker (or only those not probed yet) at once.
     pub async fn probe_all(&self, only_unknown: bool) {
         let workers: Vec<_> = self
@@ -509,6 +525,7 @@ impl DraftPool {
             discovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tokio::pin!(stopped);
+            let mut last_requested = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = &mut stopped => return,
@@ -517,6 +534,11 @@ impl DraftPool {
                         pool.probe_all(true).await;
                     }
                     _ = health.tick() => pool.probe_all(false).await,
+                    _ = pool.probe_wanted.notified() => {
+                        tokio::time::sleep_until(last_requested + REQUESTED_PROBE_INTERVAL).await;
+                        last_requested = tokio::time::Instant::now();
+                        pool.probe_all(false).await;
+                    }
                 }
             }
         });

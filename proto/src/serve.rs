@@ -88,18 +88,363 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// Server reflection for the duo.v1 services and health.
-pub fn reflection() -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
+/// Server reflection (`grpc.reflection.v1`) for a server that serves
+/// `service` (e.g. `duo_rpc::pb::target_server::SERVICE_NAME`): it lists
+/// exactly that service, `grpc.health.v1.Health` and the two reflection
+/// services, and describes their files. Serve it beside
+/// [`reflection_v1alpha`] (older grpcurl and other tools ask v1alpha).
+///
+/// Our own implementation rather than tonic-reflection's server: that one
+/// ends the whole stream with a status on an unknown symbol or file, where
+/// the protocol answers with an `error_response` (NOT_FOUND) and goes on.
+pub fn reflection_v1(
+    service: &str,
+) -> Result<
+    tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<reflect::V1>,
+    String,
+> {
+    Ok(
+        tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer::new(
+            reflect::V1(Arc::new(reflect::Descriptors::new(service)?)),
+        ),
+    )
+}
+
+/// [`reflection_v1`] as `grpc.reflection.v1alpha`.
+pub fn reflection_v1alpha(
+    service: &str,
+) -> Result<
+    tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer<
+        reflect::V1alpha,
     >,
     String,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| format!("building reflection: {e}"))
+    Ok(
+        tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer::new(
+            reflect::V1alpha(Arc::new(reflect::Descriptors::new(service)?)),
+        ),
+    )
+}
+
+/// The reflection services behind [`reflection_v1`] and
+/// [`reflection_v1alpha`].
+pub mod reflect {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::Arc;
+
+    use prost::Message;
+    use prost_types::{DescriptorProto, EnumDescriptorProto, FileDescriptorProto};
+    use tonic::Code;
+
+    /// The other services every server advertises besides its own.
+    pub const SHARED_SERVICES: [&str; 3] = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+
+    /// A `FileDescriptorSet` whose files are kept as their encoded bytes
+    /// (served verbatim: nothing a decode would drop is lost).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawFileSet {
+        #[prost(bytes = "vec", repeated, tag = "1")]
+        file: Vec<Vec<u8>>,
+    }
+
+    /// The descriptors one server describes, indexed.
+    #[derive(Debug)]
+    pub struct Descriptors {
+        services: Vec<String>,
+        /// File name -> (encoded FileDescriptorProto, its imports).
+        files: HashMap<String, (Vec<u8>, Vec<String>)>,
+        /// Fully-qualified symbol -> the file defining it.
+        symbols: HashMap<String, String>,
+        /// Fully-qualified message names (for extension-number queries).
+        messages: HashSet<String>,
+    }
+
+    /// A reflection request, whichever protocol version it came in.
+    pub(super) enum Ask<'a> {
+        ListServices,
+        FileByFilename(&'a str),
+        FileContainingSymbol(&'a str),
+        FileContainingExtension(&'a str, i32),
+        AllExtensionNumbersOfType(&'a str),
+        Nothing,
+    }
+
+    /// What to answer.
+    pub(super) enum Answer {
+        Services(Vec<String>),
+        Files(Vec<Vec<u8>>),
+        ExtensionNumbers(String),
+        Error(Code, String),
+    }
+
+    impl Descriptors {
+        /// The duo.v1, health and reflection files; advertises `service`
+        /// and [`SHARED_SERVICES`].
+        pub fn new(service: &str) -> Result<Self, String> {
+            let mut d = Descriptors {
+                services: Vec::new(),
+                files: HashMap::new(),
+                symbols: HashMap::new(),
+                messages: HashSet::new(),
+            };
+            for set in [
+                crate::pb::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ] {
+                let set = RawFileSet::decode(set)
+                    .map_err(|e| format!("building reflection: a descriptor set: {e}"))?;
+                for raw in set.file {
+                    let fd = FileDescriptorProto::decode(raw.as_slice())
+                        .map_err(|e| format!("building reflection: a file descriptor: {e}"))?;
+                    d.add_file(fd, raw);
+                }
+            }
+            for name in std::iter::once(service).chain(SHARED_SERVICES) {
+                if !d.symbols.contains_key(name) {
+                    return Err(format!(
+                        "building reflection: service {name} is in no descriptor"
+                    ));
+                }
+                d.services.push(name.to_string());
+            }
+            Ok(d)
+        }
+
+        fn add_file(&mut self, fd: FileDescriptorProto, raw: Vec<u8>) {
+            let file = fd.name().to_string();
+            if self.files.contains_key(&file) {
+                return;
+            }
+            let package = fd.package();
+            let mut add = |symbol: String| {
+                self.symbols.entry(symbol).or_insert_with(|| file.clone());
+            };
+            for m in &fd.message_type {
+                message_symbols(package, m, &mut add, &mut self.messages);
+            }
+            for e in &fd.enum_type {
+                enum_symbols(package, e, &mut add);
+            }
+            for x in &fd.extension {
+                add(join(package, x.name()));
+            }
+            for s in &fd.service {
+                let service = join(package, s.name());
+                for m in &s.method {
+                    add(join(&service, m.name()));
+                }
+                add(service);
+            }
+            self.files.insert(file, (raw, fd.dependency));
+        }
+
+        /// `name` and every file it imports, transitively (what the
+        /// protocol asks for: a client needs them all to use `name`).
+        fn file_with_imports(&self, name: &str) -> Vec<Vec<u8>> {
+            let mut seen = HashSet::new();
+            let mut todo = vec![name.to_string()];
+            let mut out = Vec::new();
+            while let Some(f) = todo.pop() {
+                if !seen.insert(f.clone()) {
+                    continue;
+                }
+                // An import we do not hold is left for the client to ask.
+                if let Some((raw, deps)) = self.files.get(&f) {
+                    out.push(raw.clone());
+                    todo.extend(deps.iter().rev().cloned());
+                }
+            }
+            out
+        }
+
+        pub(super) fn answer(&self, ask: Ask<'_>) -> Answer {
+            match ask {
+                Ask::ListServices => Answer::Services(self.services.clone()),
+                Ask::FileByFilename(name) => {
+                    if self.files.contains_key(name) {
+                        Answer::Files(self.file_with_imports(name))
+                    } else {
+                        Answer::Error(Code::NotFound, format!("file '{name}' not found"))
+                    }
+                }
+                Ask::FileContainingSymbol(symbol) => {
+                    match self.symbols.get(symbol.trim_start_matches('.')) {
+                        Some(file) => Answer::Files(self.file_with_imports(file)),
+                        None => {
+                            Answer::Error(Code::NotFound, format!("symbol '{symbol}' not found"))
+                        }
+                    }
+                }
+                Ask::FileContainingExtension(ty, number) => Answer::Error(
+                    Code::NotFound,
+                    format!("no extension {number} of '{ty}' (no extensions are served)"),
+                ),
+                Ask::AllExtensionNumbersOfType(ty) => {
+                    let ty = ty.trim_start_matches('.');
+                    if self.messages.contains(ty) {
+                        Answer::ExtensionNumbers(ty.to_string())
+                    } else {
+                        Answer::Error(Code::NotFound, format!("message type '{ty}' not found"))
+                    }
+                }
+                Ask::Nothing => Answer::Error(
+                    Code::InvalidArgument,
+                    "empty request: set one of file_by_filename, file_containing_symbol, \
+                     file_containing_extension, all_extension_numbers_of_type, list_services"
+                        .to_string(),
+                ),
+            }
+        }
+    }
+
+    fn join(scope: &str, name: &str) -> String {
+        if scope.is_empty() {
+            name.to_string()
+        } else {
+            format!("{scope}.{name}")
+        }
+    }
+
+    fn message_symbols(
+        scope: &str,
+        m: &DescriptorProto,
+        add: &mut impl FnMut(String),
+        messages: &mut HashSet<String>,
+    ) {
+        let name = join(scope, m.name());
+        for f in m.field.iter().chain(&m.extension) {
+            add(join(&name, f.name()));
+        }
+        for o in &m.oneof_decl {
+            add(join(&name, o.name()));
+        }
+        for n in &m.nested_type {
+            message_symbols(&name, n, add, messages);
+        }
+        for e in &m.enum_type {
+            enum_symbols(&name, e, add);
+        }
+        messages.insert(name.clone());
+        add(name);
+    }
+
+    fn enum_symbols(scope: &str, e: &EnumDescriptorProto, add: &mut impl FnMut(String)) {
+        let name = join(scope, e.name());
+        for v in &e.value {
+            // Protobuf scopes enum values beside their enum (`pkg.VALUE`);
+            // some tools ask for `pkg.Enum.VALUE`: both resolve.
+            add(join(scope, v.name()));
+            add(join(&name, v.name()));
+        }
+        add(name);
+    }
+
+    /// One reflection service per protocol version: the two are the same
+    /// messages in different packages.
+    macro_rules! version {
+        ($service:ident, $pb:ident) => {
+            /// The reflection service, as its protocol version.
+            #[derive(Debug, Clone)]
+            pub struct $service(pub Arc<Descriptors>);
+
+            impl $service {
+                fn respond(
+                    &self,
+                    req: tonic_reflection::pb::$pb::ServerReflectionRequest,
+                ) -> tonic_reflection::pb::$pb::ServerReflectionResponse {
+                    use pb::server_reflection_request::MessageRequest as Req;
+                    use pb::server_reflection_response::MessageResponse as Resp;
+                    use tonic_reflection::pb::$pb as pb;
+                    let ask = match &req.message_request {
+                        Some(Req::ListServices(_)) => Ask::ListServices,
+                        Some(Req::FileByFilename(f)) => Ask::FileByFilename(f),
+                        Some(Req::FileContainingSymbol(s)) => Ask::FileContainingSymbol(s),
+                        Some(Req::FileContainingExtension(x)) => {
+                            Ask::FileContainingExtension(&x.containing_type, x.extension_number)
+                        }
+                        Some(Req::AllExtensionNumbersOfType(t)) => {
+                            Ask::AllExtensionNumbersOfType(t)
+                        }
+                        None => Ask::Nothing,
+                    };
+                    let response = match self.0.answer(ask) {
+                        Answer::Services(names) => {
+                            Resp::ListServicesResponse(pb::ListServiceResponse {
+                                service: names
+                                    .into_iter()
+                                    .map(|name| pb::ServiceResponse { name })
+                                    .collect(),
+                            })
+                        }
+                        Answer::Files(files) => {
+                            Resp::FileDescriptorResponse(pb::FileDescriptorResponse {
+                                file_descriptor_proto: files,
+                            })
+                        }
+                        Answer::ExtensionNumbers(base_type_name) => {
+                            Resp::AllExtensionNumbersResponse(pb::ExtensionNumberResponse {
+                                base_type_name,
+                                extension_number: Vec::new(),
+                            })
+                        }
+                        Answer::Error(code, error_message) => {
+                            Resp::ErrorResponse(pb::ErrorResponse {
+                                error_code: code as i32,
+                                error_message,
+                            })
+                        }
+                    };
+                    pb::ServerReflectionResponse {
+                        valid_host: req.host.clone(),
+                        original_request: Some(req),
+                        message_response: Some(response),
+                    }
+                }
+            }
+
+            #[tonic::async_trait]
+            impl tonic_reflection::pb::$pb::server_reflection_server::ServerReflection
+                for $service
+            {
+                type ServerReflectionInfoStream = std::pin::Pin<
+                    Box<
+                        dyn tokio_stream::Stream<
+                                Item = Result<
+                                    tonic_reflection::pb::$pb::ServerReflectionResponse,
+                                    tonic::Status,
+                                >,
+                            > + Send,
+                    >,
+                >;
+
+                /// One response per request, in order; a request that
+                /// cannot be answered gets an `error_response` and the
+                /// stream goes on.
+                async fn server_reflection_info(
+                    &self,
+                    req: tonic::Request<
+                        tonic::Streaming<tonic_reflection::pb::$pb::ServerReflectionRequest>,
+                    >,
+                ) -> Result<tonic::Response<Self::ServerReflectionInfoStream>, tonic::Status> {
+                    use tokio_stream::StreamExt;
+                    let this = self.clone();
+                    let responses = req
+                        .into_inner()
+                        .map(move |req| req.map(|req| this.respond(req)));
+                    Ok(tonic::Response::new(Box::pin(responses)))
+                }
+            }
+        };
+    }
+
+    version!(V1, v1);
+    version!(V1alpha, v1alpha);
 }
 
 /// A service's shutdown, in two phases: `draining` turns true on the
@@ -207,6 +552,129 @@ where
 /// can wait ~40 ms for the peer's delayed ACK).
 pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Serves `app` over HTTP/1.1 on `listener` until `stop`, then lets the
+/// requests in flight finish (as `axum::serve(..).with_graceful_shutdown`
+/// does), with a bound on slow clients, which `axum::serve` lacks: a
+/// client must send a request's headers within `read_timeout` of starting
+/// it (of connecting, or of the previous response on a kept-alive
+/// connection), or the connection is closed; then its body within
+/// `read_timeout` more, or reading the body fails (the handler answers
+/// 400) and the connection is closed. `None`: no bound.
+pub async fn serve_http<L>(
+    mut listener: L,
+    app: axum::Router,
+    read_timeout: Option<Duration>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) where
+    L: axum::serve::Listener,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(read_timeout);
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop.await;
+        let _ = stopping_tx.send(true);
+    });
+    // Every connection task holds a sender; all gone = all drained.
+    let (alive, mut drained) = tokio::sync::mpsc::channel::<()>(1);
+    let stop_accepting = stopped(&stopping);
+    tokio::pin!(stop_accepting);
+    loop {
+        let (io, _) = tokio::select! {
+            conn = listener.accept() => conn,
+            _ = &mut stop_accepting => break,
+        };
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let req =
+                    req.map(|body| axum::body::Body::new(ReadDeadline::new(body, read_timeout)));
+                app.clone().oneshot(req)
+            });
+        let conn = http
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let stop_conn = stopped(&stopping);
+        let alive = alive.clone();
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop_conn => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                // A header read timeout, a malformed request, a client gone.
+                tracing::debug!("HTTP connection: {e}");
+            }
+            drop(alive);
+        });
+    }
+    drop(listener);
+    drop(alive);
+    let _ = drained.recv().await;
+}
+
+/// A request body that fails once `timeout` has passed since its request's
+/// headers arrived (a client trickling its body).
+struct ReadDeadline {
+    body: hyper::body::Incoming,
+    deadline: Option<(tokio::time::Instant, Duration)>,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl ReadDeadline {
+    fn new(body: hyper::body::Incoming, timeout: Option<Duration>) -> Self {
+        Self {
+            body,
+            deadline: timeout.map(|t| (tokio::time::Instant::now() + t, t)),
+            sleep: None,
+        }
+    }
+}
+
+impl hyper::body::Body for ReadDeadline {
+    type Data = hyper::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if let Some((at, timeout)) = this.deadline {
+            let sleep = this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err(format!(
+                    "the request body did not arrive within {} ms",
+                    timeout.as_millis()
+                )
+                .into())));
+            }
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

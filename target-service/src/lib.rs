@@ -19,7 +19,7 @@ use duo_core::sampling::{Distribution, Rng, SamplingParams, rng_from_seed};
 use duo_rpc::convert::proposals_from_pb;
 use duo_rpc::pb::target_server::{Target, TargetServer};
 use duo_rpc::pb::{self, target_reply, target_request};
-use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection};
+use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection_v1, reflection_v1alpha};
 use duo_rpc::worker::{LoadedWorker, next_or_close, runtime_status};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -394,7 +394,8 @@ pub async fn serve(
     };
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection()?)
+        .add_service(reflection_v1(pb::target_server::SERVICE_NAME)?)
+        .add_service(reflection_v1alpha(pb::target_server::SERVICE_NAME)?)
         .add_service(
             TargetServer::new(svc.clone()).max_decoding_message_size(args.common.max_message_bytes),
         )

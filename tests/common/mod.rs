@@ -144,6 +144,9 @@ pub struct Setup {
     pub resolver: Option<Arc<dyn orchestrator::pool::Resolver>>,
     /// Use a target already running there instead of starting one.
     pub external_target: Option<SocketAddr>,
+    /// Don't wait for the draft workers to be probed healthy (a test that
+    /// starts one later).
+    pub drafts_start_later: bool,
 }
 
 impl Setup {
@@ -157,6 +160,7 @@ impl Setup {
             no_static_drafts: false,
             resolver: None,
             external_target: None,
+            drafts_start_later: false,
         }
     }
 }
@@ -252,6 +256,9 @@ pub async fn start_with(setup: Setup) -> Deployment {
     // loading is out of the rotation, and generations would run
     // target-only).
     wait_until(60, "every draft worker probed", || async {
+        if setup.drafts_start_later {
+            return true;
+        }
         let pool = pool(&dep).await;
         pool.iter()
             .all(|w| w.state == "healthy" || w.state == "incompatible")
