@@ -233,6 +233,11 @@ struct GenerateArgs {
     /// finish_reason, stats) instead of streaming the text.
     #[arg(long)]
     json: bool,
+    /// Keep only the prompt's last tokens that fit the context with
+    /// --max-new-tokens (what `duo bench` does with long prompts); without
+    /// it a prompt that does not fit is refused, as the server refuses it.
+    #[arg(long)]
+    cut_prompt: bool,
     /// Also print the generated token ids (stderr, after the stats line).
     #[arg(long)]
     ids: bool,
@@ -307,14 +312,38 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             let _ = out.flush();
         }
     };
+    // The prompt's last tokens that fit, when asked to cut it.
+    let cut = |ids: Vec<u32>, context: usize| -> Vec<u32> {
+        let room = context.saturating_sub(a.max_new_tokens);
+        if a.cut_prompt && ids.len() > room {
+            eprintln!(
+                "(prompt cut from the left: {} of {} tokens kept)",
+                room,
+                ids.len()
+            );
+            ids[ids.len() - room..].to_vec()
+        } else {
+            ids
+        }
+    };
     let g = match &a.endpoint {
         Some(endpoint) => {
             let mut remote = client::Remote::connect(endpoint)?;
-            remote.generate(client::Prompt::Text(a.prompt.clone()), &params, show)?
+            let prompt = if a.cut_prompt {
+                let info = remote.info()?;
+                let tok = duo_core::tokenizer::Tokenizer::from_file(&a.models.config()?.tokenizer)?;
+                client::Prompt::Ids(cut(tok.encode(&a.prompt)?, info.context_len as usize))
+            } else {
+                client::Prompt::Text(a.prompt.clone())
+            };
+            remote.generate(prompt, &params, show)?
         }
         None => {
             let mut engine = Engine::load(&a.models.config()?).context("loading the models")?;
-            let prompt = engine.tokenizer().encode(&a.prompt)?;
+            let prompt = cut(
+                engine.tokenizer().encode(&a.prompt)?,
+                engine.limits().context_len,
+            );
             engine.generate(prompt, &params, &mut |text, _, _| {
                 show(text);
                 true
