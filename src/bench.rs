@@ -33,19 +33,10 @@ pub struct BenchArgs {
     duo_gamma: Option<usize>,
     #[arg(long, default_value_t = 4)]
     max_branches: usize,
-    /// Sampling temperature (0 = greedy: then the modes' outputs are
+    /// Sampling (temperature 0 = greedy: then the modes' outputs are
     /// checked for identity; at T > 0 they are samples and are not).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Top-k (0 = off).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Top-p (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// How the draft picks tokens at T > 0.
-    #[arg(long, value_enum, default_value = "sampled")]
-    draft_sampling: crate::DraftSampling,
+    #[command(flatten)]
+    sampling: crate::SamplingArgs,
     /// Skip the 2-thread autoregressive reference.
     #[arg(long)]
     no_ar2: bool,
@@ -226,12 +217,8 @@ fn params(args: &BenchArgs, mode: Mode) -> GenerateParams {
             Mode::Autoregressive => None,
         },
         max_branches: args.max_branches,
-        sampling: duo_core::sampling::SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-        },
-        greedy_drafts: args.draft_sampling == crate::DraftSampling::Greedy,
+        sampling: args.sampling.params(),
+        greedy_drafts: args.sampling.greedy_drafts(),
         ..GenerateParams::default()
     }
 }
@@ -354,7 +341,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         ar_outputs.push(outs[0].tokens.clone());
         // Greedy outputs must be identical across modes; samples differ.
-        let greedy = args.temperature == 0.0;
+        let greedy = args.sampling.temperature == 0.0;
         for (mi, g) in outs.iter().enumerate().skip(1) {
             if greedy && g.tokens != outs[0].tokens {
                 divergences += 1;
@@ -439,9 +426,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "fraction_of_limit": duo_over_ar / limit.max(1e-9),
         "mean_accepted": duo.mean_accepted(),
         "sps_mean_accepted": sps.mean_accepted(),
-        "identical": (args.temperature == 0.0).then_some(divergences == 0),
-        "temperature": args.temperature,
-        "draft_sampling": args.draft_sampling,
+        "identical": (args.sampling.temperature == 0.0).then_some(divergences == 0),
+        "temperature": args.sampling.temperature,
+        "draft_sampling": args.sampling.draft_sampling,
         "duo_acceptance_rate": duo.accepted as f64 / duo.drafted.max(1) as f64,
         "sps_acceptance_rate": sps.accepted as f64 / sps.drafted.max(1) as f64,
         "duo_wire_bytes_per_round": duo.wire_bytes_per_round(),
@@ -591,7 +578,7 @@ fn run_grpc(
                 &params(args, *m),
                 |_| {},
             )?;
-            if args.temperature == 0.0 && g.tokens != ar_outputs[i] {
+            if args.sampling.temperature == 0.0 && g.tokens != ar_outputs[i] {
                 identical = false;
                 eprintln!("prompt {i}: {m} over gRPC differs from in-process autoregressive");
             }

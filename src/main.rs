@@ -133,6 +133,37 @@ pub struct ModelArgs {
     pub regime_cache: Option<PathBuf>,
 }
 
+/// How tokens are drawn, for `generate` and `bench`.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// How the draft picks tokens at temperature > 0.
+    #[arg(long, value_enum, default_value = "sampled")]
+    pub draft_sampling: DraftSampling,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
+    }
+
+    pub fn greedy_drafts(&self) -> bool {
+        self.draft_sampling == DraftSampling::Greedy
+    }
+}
+
 /// How the draft picks its tokens at temperature > 0 (both are lossless).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -206,15 +237,8 @@ struct GenerateArgs {
     mode: Mode,
     #[arg(long, short = 'n', default_value_t = 128)]
     max_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// 0 = off.
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// 1 = off.
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop sequence (repeatable).
@@ -226,9 +250,6 @@ struct GenerateArgs {
     /// Most draft branches per round (1 = single sequence).
     #[arg(long, default_value_t = 4)]
     max_branches: usize,
-    /// How the draft picks tokens at temperature > 0.
-    #[arg(long, value_enum, default_value = "sampled")]
-    draft_sampling: DraftSampling,
     /// Print one JSON object to stdout at the end (text, token_ids,
     /// finish_reason, stats) instead of streaming the text.
     #[arg(long)]
@@ -285,18 +306,14 @@ fn main() -> std::process::ExitCode {
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let params = GenerateParams {
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-        },
+        sampling: a.sampling.params(),
         seed: a.seed,
         stop: a.stop.clone(),
         mode: a.mode,
         gamma: a.gamma,
         max_branches: a.max_branches,
         logprobs: false,
-        greedy_drafts: a.draft_sampling == DraftSampling::Greedy,
+        greedy_drafts: a.sampling.greedy_drafts(),
     };
     // With --json, stdout gets one JSON object at the end (text, token ids,
     // finish reason, stats) and nothing else; otherwise the prompt and the

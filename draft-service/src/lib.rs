@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use clap::Parser;
 use duo_core::engine::{DraftJob, Drafter};
 use duo_core::runtime::{Device, ModelOptions};
-use duo_core::sampling::{SamplingParams, draft_rng};
+use duo_core::sampling::draft_rng;
 use duo_core::spec::policy::{BranchPolicy, MAX_BRANCHES};
 use duo_rpc::convert::{sync_from_pb, tree_to_pb};
 use duo_rpc::pb::draft_server::{Draft, DraftServer};
@@ -201,14 +201,7 @@ fn open_session(
     drafter: &mut Option<Drafter>,
 ) -> Result<pb::DraftReply, Status> {
     loaded.check_caller(open.vocab_size, &open.tokenizer_fingerprint)?;
-    let sampling = SamplingParams {
-        temperature: open.temperature,
-        top_k: open.top_k as usize,
-        top_p: if open.top_p == 0.0 { 1.0 } else { open.top_p },
-    };
-    sampling
-        .validate()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let sampling = duo_rpc::convert::sampling_from_pb(open.temperature, open.top_k, open.top_p)?;
     let lm = loaded.lm();
     *drafter = Some(
         Drafter::new(&lm)

@@ -2,7 +2,7 @@
 
 use duo_core::engine::{DraftTree, Mode, Stats};
 use duo_core::runtime::ModelInfo;
-use duo_core::sampling::Distribution;
+use duo_core::sampling::{Distribution, SamplingParams};
 use duo_core::spec::round::DraftSync;
 use duo_core::spec::stop::FinishReason;
 use duo_core::spec::verify::MAX_PROPOSAL_ENTRIES;
@@ -118,6 +118,24 @@ pub fn tree_from_pb(t: pb::DraftTree, vocab: usize) -> Result<DraftTree, String>
         forward_steps: t.forward_steps as usize,
         secs: t.secs,
     })
+}
+
+/// A session's sampling settings from the wire (`top_p` 0 reads as 1, off),
+/// checked; INVALID_ARGUMENT says what to fix.
+pub fn sampling_from_pb(
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+) -> Result<SamplingParams, tonic::Status> {
+    let sampling = SamplingParams {
+        temperature,
+        top_k: top_k as usize,
+        top_p: if top_p == 0.0 { 1.0 } else { top_p },
+    };
+    sampling
+        .validate()
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    Ok(sampling)
 }
 
 pub fn proposal_to_pb(q: &Distribution) -> pb::Proposal {

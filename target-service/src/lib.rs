@@ -103,14 +103,7 @@ fn open_session(
     open: &pb::OpenTarget,
 ) -> Result<(TargetSession, pb::TargetReply), Status> {
     loaded.check_caller(open.vocab_size, &open.tokenizer_fingerprint)?;
-    let sampling = SamplingParams {
-        temperature: open.temperature,
-        top_k: open.top_k as usize,
-        top_p: if open.top_p == 0.0 { 1.0 } else { open.top_p },
-    };
-    sampling
-        .validate()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let sampling = duo_rpc::convert::sampling_from_pb(open.temperature, open.top_k, open.top_p)?;
     let kv = svc
         .kv
         .get()
