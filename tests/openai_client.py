@@ -35,11 +35,6 @@ for mode in ("autoregressive", "speculative", "duodecoding"):
     duo = c.model_extra["duo"]
     assert duo["accepted"] <= duo["drafted"], duo
 
-# Sampling with a seed is reproducible.
-a = client.completions.create(model="duo", prompt=prompt, max_tokens=24, temperature=0.8, seed=7)
-b = client.completions.create(model="duo", prompt=prompt, max_tokens=24, temperature=0.8, seed=7)
-assert a.choices[0].text == b.choices[0].text
-
 # Logprobs.
 c = client.completions.create(model="duo", prompt=prompt, max_tokens=8, temperature=0, logprobs=1)
 lp = c.choices[0].logprobs
@@ -75,5 +70,144 @@ try:
     raise AssertionError("unknown model accepted")
 except openai.BadRequestError as e:
     assert "unknown model" in e.body["message"]
+
+
+# Every option is honoured or refused by name (docs/reliability.md).
+def refused(call, param, **kwargs):
+    """`call(**kwargs)` is a 400 whose error object names `param`."""
+    try:
+        call(**kwargs)
+    except openai.BadRequestError as e:
+        assert e.status_code == 400, e
+        assert e.body["type"] == "invalid_request_error", e.body
+        assert e.body["param"] == param, (param, e.body)
+        assert param in e.body["message"], (param, e.body)
+        return
+    raise AssertionError(f"{kwargs} was accepted")
+
+def complete(**kwargs):
+    return client.completions.create(model="duo", prompt=prompt, **{"max_tokens": 4, **kwargs})
+
+def chat(messages=None, **kwargs):
+    return client.chat.completions.create(
+        model="duo", messages=messages or [{"role": "user", "content": "What news?"}], **{"max_tokens": 4, **kwargs})
+
+for param, kwargs in [
+    ("best_of", dict(best_of=2)),
+    ("suffix", dict(suffix=" and so farewell.")),
+    ("logit_bias", dict(logit_bias={"50": -100})),
+    ("presence_penalty", dict(presence_penalty=0.5)),
+    ("frequency_penalty", dict(frequency_penalty=-1)),
+    ("logprobs", dict(logprobs=2)),
+    ("n", dict(n=2)),
+    ("echo", dict(echo=True, logprobs=1)),
+    ("stream_options", dict(stream_options={"include_usage": True})),
+    ("seed", dict(seed="x")),
+    ("temperature", dict(temperature=-1)),
+    ("top_k", dict(extra_body={"top_k": -1})),
+    ("mode", dict(extra_body={"mode": "warp"})),
+    ("bogus", dict(extra_body={"bogus": 1})),
+]:
+    refused(complete, param, **kwargs)
+tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+for param, kwargs in [
+    ("tools", dict(tools=[tool])),
+    ("tool_choice", dict(tool_choice="auto")),
+    ("functions", dict(functions=[tool["function"]])),
+    ("function_call", dict(function_call="auto")),
+    ("response_format", dict(response_format={"type": "json_object"})),
+    ("top_logprobs", dict(logprobs=True, top_logprobs=2)),
+    ("store", dict(store=True)),
+    ("service_tier", dict(service_tier="flex")),
+    ("modalities", dict(modalities=["text", "audio"])),
+    ("reasoning_effort", dict(reasoning_effort="low")),
+    ("logit_bias", dict(logit_bias={"50": 5})),
+    ("n", dict(n=3)),
+    ("bogus", dict(extra_body={"bogus": True})),
+    ("messages.[0].content.[1].type", dict(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])),
+    ("messages.[1].role", dict(messages=[{"role": "user", "content": "Call it."},
+                                         {"role": "tool", "content": "42", "tool_call_id": "c1"}])),
+    ("messages.[0].role", dict(messages=[{"role": "narrator", "content": "Enter Brutus."}])),
+    ("stop", dict(stop=[f"<{i}>" for i in range(17)])),
+]:
+    refused(chat, param, **kwargs)
+
+# Options with their default (or a harmless) value are accepted.
+c = complete(temperature=0, n=1, best_of=1, suffix="", logit_bias={}, presence_penalty=0,
+             frequency_penalty=0, user="u-1", seed=-5)
+assert c.choices[0].text, c
+c = chat(temperature=0, n=1, logit_bias={}, presence_penalty=0, frequency_penalty=0, user="u-1",
+         store=False, metadata={"k": "v"}, service_tier="auto", parallel_tool_calls=True,
+         response_format={"type": "text"}, tool_choice="none", top_logprobs=0, modalities=["text"])
+assert c.choices[0].message.role == "assistant", c
+streamed = [ch for ch in complete(temperature=0, stream=True, stream_options={"include_usage": True})]
+assert streamed[-1].usage.completion_tokens >= 1, streamed[-1]
+
+# echo: the prompt leads the text, unary and streamed.
+c = client.completions.create(model="duo", prompt=prompt, max_tokens=8, temperature=0, echo=True)
+text = c.choices[0].text
+assert text.startswith(prompt) and expected.startswith(text[len(prompt):]), (text, expected)
+parts = "".join(ch.choices[0].text for ch in client.completions.create(
+    model="duo", prompt=prompt, max_tokens=8, temperature=0, echo=True, stream=True))
+assert parts == text, (parts, text)
+
+# logprobs 0 and 1: each generated token's log-probability (no alternatives).
+for n in (0, 1):
+    c = client.completions.create(model="duo", prompt=prompt, max_tokens=6, temperature=0, logprobs=n)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == c.usage.completion_tokens, lp
+    assert all(x <= 0 for x in lp.token_logprobs), lp
+    assert "".join(lp.tokens).startswith(c.choices[0].text), (lp.tokens, c.choices[0].text)
+
+# Chat logprobs: the same numbers in the chat shape, unary and streamed.
+msgs = [{"role": "user", "content": "What news from Rome?"}]
+c = client.chat.completions.create(model="duo", max_tokens=12, temperature=0, messages=msgs, logprobs=True)
+content = c.choices[0].logprobs.content
+assert len(content) == c.usage.completion_tokens, (content, c.usage)
+assert all(t.logprob <= 0 and t.top_logprobs == [] and bytes(t.bytes).decode() == t.token for t in content), content
+streamed = []
+for ch in client.chat.completions.create(model="duo", max_tokens=12, temperature=0, messages=msgs,
+                                         logprobs=True, stream=True):
+    if ch.choices and ch.choices[0].logprobs:
+        streamed += ch.choices[0].logprobs.content
+# (Equal up to float rounding: verification forwards of other widths.)
+assert [t.token for t in streamed] == [t.token for t in content], (streamed, content)
+assert all(abs(s.logprob - t.logprob) < 1e-3 for s, t in zip(streamed, content)), (streamed, content)
+
+# Text parts are joined; developer speaks as system; a name is the speaker.
+whole = chat(temperature=0, messages=[{"role": "user", "content": "What news from Rome?"}])
+joined = chat(temperature=0, messages=[{"role": "user", "content": [
+    {"type": "text", "text": "What news "}, {"type": "text", "text": "from Rome?"}]}])
+assert joined.choices[0].message.content == whole.choices[0].message.content, (joined, whole)
+system = chat(temperature=0, messages=[{"role": "system", "content": "Be brief."}, *msgs])
+developer = chat(temperature=0, messages=[{"role": "developer", "content": "Be brief."}, *msgs])
+assert system.choices[0].message.content == developer.choices[0].message.content
+chat(messages=[{"role": "user", "name": "Brutus", "content": "Speak."}])
+refused(chat, "messages.[0].name", messages=[{"role": "user", "name": "a\nb", "content": "Speak."}])
+
+# Stop sequences in chat: the template's own end of turn does not take a
+# user's place when one of theirs makes it redundant ("\n" ends the turn
+# no later); 15 others fit beside it.
+stops = [f"<{i}>" for i in range(15)]
+chat(stop=stops)
+c = chat(stop=stops + ["\n"], max_tokens=48, temperature=0)
+assert "\n" not in c.choices[0].message.content, c
+
+# Sampling with a seed is reproducible when the draft schedule is fixed
+# (autoregressive, speculative with a gamma, one branch with a gamma) or the
+# drafts are greedy. With sampled drafts under the adaptive budget
+# controller a seed reproduces the distribution, not the tokens: which
+# positions are drafted, and so which random draws verification makes,
+# depends on timing (documented with `seed` in duo.proto).
+for extra in ({"mode": "autoregressive"}, {"mode": "speculative", "gamma": 3},
+              {"gamma": 3, "max_branches": 1}, {"greedy_drafts": True}):
+    a = client.completions.create(model="duo", prompt=prompt, max_tokens=24, temperature=0.8, seed=7,
+                                  extra_body=extra)
+    b = client.completions.create(model="duo", prompt=prompt, max_tokens=24, temperature=0.8, seed=7,
+                                  extra_body=extra)
+    assert a.choices[0].text == b.choices[0].text, ("same seed, different text", extra, a.choices[0].text,
+                                                    b.choices[0].text)
 
 print(json.dumps({"ok": True}))

@@ -223,10 +223,13 @@ impl Orchestrator {
             }
         };
         let mode = mode_from_pb(req.mode).map_err(Status::invalid_argument)?;
-        if req.stop.len() > MAX_STOP_SEQUENCES {
+        // The limit is on the caller's sequences: the chat template's own
+        // end of turn, which the HTTP chat endpoint adds, does not count.
+        let template = self.0.chat_template.stops();
+        let given = req.stop.iter().filter(|s| !template.contains(s)).count();
+        if given > MAX_STOP_SEQUENCES {
             return Err(Status::invalid_argument(format!(
-                "{} stop sequences given; at most {MAX_STOP_SEQUENCES} are allowed",
-                req.stop.len()
+                "{given} stop sequences given; at most {MAX_STOP_SEQUENCES} are allowed"
             )));
         }
         if let Some(s) = req.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
