@@ -354,7 +354,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let mut ctx = pr.ids.clone();
                 ctx.extend_from_slice(&outs[0].tokens[..at.min(outs[0].tokens.len())]);
                 let gap = engine.target_top2_gap(&ctx)?;
-                if gap < 1e-3 {
+                if gap < duo_core::spec::verify::NEAR_TIE_GAP {
                     near_ties += 1;
                 }
                 divergence_notes

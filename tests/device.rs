@@ -17,11 +17,7 @@ use std::process::Command;
 use duo_core::runtime::{CausalLm, ModelOptions, model::KvDType};
 use duo_core::sampling::argmax;
 
-/// fp16 greedy may leave fp32 greedy only where fp32's top two logits are
-/// closer than this: fp16 logits of the bundled target differ from fp32's by
-/// at most ~1.3e-2 (measured, models/README.md), so a gap under 4x that can
-/// flip; a wider one may not.
-const FP16_NEAR_TIE_GAP: f32 = 0.05;
+use duo_core::spec::verify::FP16_NEAR_TIE_GAP;
 
 fn python(modules: &str) -> Option<String> {
     let python = std::env::var("DUO_PYTHON").unwrap_or_else(|_| "python3".into());

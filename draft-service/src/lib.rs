@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
+use duo_core::engine::session::MAX_GAMMA;
 use duo_core::engine::{DraftJob, Drafter};
 use duo_core::runtime::{Device, ModelOptions};
 use duo_core::sampling::draft_rng;
@@ -75,9 +76,9 @@ impl DraftService {
 
 /// Checks a job from the wire; the message says what to fix.
 fn check_job(job: &pb::DraftJob, vocab: usize) -> Result<DraftJob, Status> {
-    if !(1..=64).contains(&job.gamma) {
+    if !(1..=MAX_GAMMA as u32).contains(&job.gamma) {
         return Err(Status::invalid_argument(format!(
-            "gamma must be in 1..=64, got {}",
+            "gamma must be in 1..={MAX_GAMMA}, got {}",
             job.gamma
         )));
     }

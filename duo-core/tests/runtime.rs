@@ -89,7 +89,7 @@ fn parity_with_pytorch_fixtures() {
 }
 
 /// Greedy decoding step by step reproduces PyTorch's greedy continuation
-/// (a divergence is tolerated only at a near-tie, gap < 1e-3).
+/// (a divergence is tolerated only at a near-tie, gap < `NEAR_TIE_GAP`).
 #[test]
 fn greedy_continuation_matches_pytorch() {
     for name in ["target", "draft"] {
@@ -102,7 +102,7 @@ fn greedy_continuation_matches_pytorch() {
                 let got = argmax(logits.last());
                 if got != want {
                     assert!(
-                        g.top2_gap[i] < 1e-3,
+                        g.top2_gap[i] < duo_core::spec::verify::NEAR_TIE_GAP,
                         "{name}: diverged at step {i} with gap {}",
                         g.top2_gap[i]
                     );

@@ -1,4 +1,4 @@
-//! Hardware-aware draft budget (DESIGN.md §2): choose γ so that the draft
+//! Hardware-aware draft budget (docs/architecture.md, "The algorithm"): choose γ so that the draft
 //! side (CPU) finishes just before the target side (GPU),
 //! `γ · t_draft_step ≈ DRAFT_FINISH_SHARE · T_target(n)`.
 //!

@@ -1,4 +1,4 @@
-//! Dynamic multi-sequence drafting (DESIGN.md §2): when the draft is unsure
+//! Dynamic multi-sequence drafting (docs/architecture.md, "The algorithm"): when the draft is unsure
 //! about the next token it drafts several short branches, each starting with
 //! one of its top candidates, instead of one long sequence.
 //!

@@ -1,4 +1,4 @@
-//! The DuoDecoding round state machine (DESIGN.md section 2), pure.
+//! The DuoDecoding round state machine (docs/architecture.md, "The algorithm"), pure.
 //!
 //! State between rounds: the committed tokens `C` (prompt + verified output)
 //! and an optional *pending branch*: its head is `C`'s last token (already

@@ -1,5 +1,5 @@
 //! Lossless verification of drafted tokens against the target's processed
-//! distributions (DESIGN.md §2).
+//! distributions (docs/architecture.md, "The algorithm").
 //!
 //! Two rules, both exact at any temperature:
 //! - [`verify_deterministic`]: drafts chosen deterministically (greedy draft,
@@ -14,6 +14,17 @@
 use rand::Rng as _;
 
 use crate::sampling::{Distribution, Rng};
+
+/// Greedy outputs of two decoding modes may differ only where the target's
+/// top two logits are closer than this (fp32 models): a forward over a
+/// different block of tokens sums in another order and can flip such an
+/// argmax. The equality tests and `duo bench` allow a divergence only there.
+pub const NEAR_TIE_GAP: f32 = 1e-3;
+
+/// [`NEAR_TIE_GAP`] for fp16 models: their logits differ from fp32's by up
+/// to ~1.3e-2 on the bundled target (models/README.md), so a gap under
+/// about 4× that can flip.
+pub const FP16_NEAR_TIE_GAP: f32 = 0.05;
 
 /// Most entries a drafted token's proposal may have on the wire: a sampled
 /// draft draws from its processed distribution with top-k at most this
