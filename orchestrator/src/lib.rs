@@ -183,7 +183,7 @@ impl Orchestrator {
         let model = info.model.clone().unwrap_or_default();
         let limits = Limits {
             context_len: if model.context_len == 0 {
-                2048
+                session::DEFAULT_CONTEXT_LEN
             } else {
                 model.context_len as usize
             },

@@ -62,7 +62,8 @@ impl Drop for Reservation {
 
 impl KvBudget {
     /// A budget of `budget` bytes for a model of `info` (its context length
-    /// caps what one session may ask for; 4096 tokens when undeclared).
+    /// caps what one session may ask for; `DEFAULT_CONTEXT_LEN` when
+    /// undeclared).
     pub fn new(budget: u64, info: &ModelInfo) -> Self {
         metrics::gauge!("duo_target_kv_budget_bytes").set(budget as f64);
         metrics::gauge!("duo_target_kv_reserved_bytes").set(0.0);
@@ -70,7 +71,9 @@ impl KvBudget {
             inner: Arc::new(Inner {
                 budget,
                 per_token: bytes_per_token(info),
-                context_len: info.context_len.unwrap_or(4096),
+                context_len: info
+                    .context_len
+                    .unwrap_or(duo_core::engine::session::DEFAULT_CONTEXT_LEN),
                 reserved: Mutex::new(0),
             }),
         }

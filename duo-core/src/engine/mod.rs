@@ -239,7 +239,7 @@ pub fn check_pair(
     let context_len = match (t.context_len, d.context_len) {
         (Some(a), Some(b)) => a.min(b),
         (Some(a), None) | (None, Some(a)) => a,
-        (None, None) => 2048,
+        (None, None) => session::DEFAULT_CONTEXT_LEN,
     };
     Ok(Limits {
         context_len,

@@ -78,6 +78,10 @@ pub struct GenerateParams {
     pub greedy_drafts: bool,
 }
 
+/// The context a model is taken to have when neither its graph nor its
+/// config.json declares one.
+pub const DEFAULT_CONTEXT_LEN: usize = 2048;
+
 /// γ for speculative mode when none is given.
 pub const DEFAULT_SPS_GAMMA: usize = 4;
 /// Largest γ a request may ask for.
