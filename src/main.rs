@@ -7,7 +7,7 @@ mod runtime_sweep;
 mod up;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -96,9 +96,12 @@ struct RuntimeBenchArgs {
 /// Where the models are and how to run them.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// Folder with target/, draft/ and tokenizer.json.
-    #[arg(long, env = "DUO_MODELS", default_value = default_models())]
-    pub models: PathBuf,
+    /// Folder with target/, draft/ and tokenizer.json. Default: the first
+    /// that holds a tokenizer.json of `models/` next to the duo binary (or
+    /// up to two folders above it, as in cargo's target/release), `./models`,
+    /// and the checkout the binary was built from.
+    #[arg(long, env = "DUO_MODELS")]
+    pub models: Option<PathBuf>,
     /// Target model (folder or .onnx); default: MODELS/target.
     #[arg(long)]
     pub target: Option<PathBuf>,
@@ -185,26 +188,74 @@ pub enum Regime {
     GpuLike,
 }
 
-const fn default_models() -> &'static str {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/models")
+/// Where the models folder is looked for when --models is not given, in
+/// order (see [`ModelArgs::models`]).
+fn model_dir_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(bin_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(PathBuf::from))
+    {
+        out.extend(bin_dir.ancestors().take(3).map(|d| d.join("models")));
+    }
+    out.push(PathBuf::from("models"));
+    out.push(PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models"
+    )));
+    out
+}
+
+/// The first of `candidates` that holds a tokenizer.json, or an error that
+/// lists where it looked.
+fn find_models(candidates: &[PathBuf]) -> anyhow::Result<PathBuf> {
+    candidates
+        .iter()
+        .find(|d| d.join("tokenizer.json").is_file())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no models folder (target/, draft/, tokenizer.json) found; looked in {}: pass --models DIR or set DUO_MODELS",
+                candidates
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
 }
 
 impl ModelArgs {
+    /// The models folder: --models (or DUO_MODELS), else the first place of
+    /// [`model_dir_candidates`] that holds the models.
+    pub fn models_dir(&self) -> anyhow::Result<PathBuf> {
+        match &self.models {
+            Some(dir) => Ok(dir.clone()),
+            None => find_models(&model_dir_candidates()),
+        }
+    }
+
     /// The engine configuration; in the gpu-like regime the target and
     /// draft are the stand-ins, built into the cache when missing.
     pub fn config(&self) -> anyhow::Result<EngineConfig> {
-        let mut cfg = EngineConfig::bundled(&self.models);
-        if let Some(t) = &self.target {
-            cfg.target = t.clone();
-        }
-        if let Some(d) = &self.draft {
-            cfg.draft = d.clone();
-        }
+        // The models folder is needed only for what is not given explicitly.
+        let dir = self.models_dir();
+        let part = |given: &Option<PathBuf>, name: &str| -> anyhow::Result<PathBuf> {
+            match (given, &dir) {
+                (Some(p), _) => Ok(p.clone()),
+                (None, Ok(d)) => Ok(d.join(name)),
+                (None, Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+            }
+        };
+        let mut cfg = EngineConfig::bundled(Path::new(""));
+        cfg.target = part(&self.target, "target")?;
+        cfg.draft = part(&self.draft, "draft")?;
+        cfg.tokenizer = part(&self.tokenizer, "tokenizer.json")?;
         if self.regime == Regime::GpuLike {
             let cache = self
                 .regime_cache
                 .clone()
-                .unwrap_or_else(|| self.models.join("gpu-like"));
+                .map_or_else(|| part(&None, "gpu-like"), Ok)?;
             let pair = duo_core::gpu_like::gpu_like_pair(&cfg.target, &cfg.draft, &cache)
                 .context("making the gpu-like stand-ins")?;
             if pair.built {
@@ -212,9 +263,6 @@ impl ModelArgs {
             }
             cfg.target = pair.target;
             cfg.draft = pair.draft;
-        }
-        if let Some(t) = &self.tokenizer {
-            cfg.tokenizer = t.clone();
         }
         cfg.target_device = self.device;
         cfg.target_threads = self.target_threads;
@@ -435,12 +483,12 @@ fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(a.models.models.join("fixtures/target.json"))
+        &std::fs::read_to_string(a.models.models_dir()?.join("fixtures/target.json"))
             .context("reading the fixture prompt")?,
     )?;
     let prompt: Vec<u32> = serde_json::from_value(fixture["greedy"][0]["ids"].clone())?;
     let card: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(a.models.models.join("results.json")).unwrap_or_default(),
+        &std::fs::read_to_string(a.models.models_dir()?.join("results.json")).unwrap_or_default(),
     )
     .unwrap_or_default();
     let mut report = serde_json::Map::new();
@@ -541,4 +589,27 @@ fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
     report.insert("target_over_draft_1token".into(), (t1 / d1).into());
     println!("{}", serde_json::Value::Object(report));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_models_folder_is_the_first_candidate_holding_a_tokenizer() {
+        let root = std::env::temp_dir().join(format!("duo-models-{}", std::process::id()));
+        let (empty, full) = (root.join("empty"), root.join("full"));
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::create_dir_all(&full).unwrap();
+        std::fs::write(full.join("tokenizer.json"), "{}").unwrap();
+        let found = find_models(&[root.join("missing"), empty.clone(), full.clone()]).unwrap();
+        assert_eq!(found, full);
+        let err = find_models(&[root.join("missing"), empty.clone()]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("--models") && msg.contains(&empty.display().to_string()),
+            "{msg}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
