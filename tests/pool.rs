@@ -475,3 +475,50 @@ async fn a_generation_takes_up_a_draft_worker_once_it_serves() {
     );
     assert!(s.draft_worker.contains(&a_addr.to_string()), "{s:?}");
 }
+
+/// A draft model with a shorter context than the target's drafts within
+/// its window and the generation goes on target-only beyond it: no draft
+/// failure, output identical to autoregressive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_draft_with_a_shorter_context_drafts_within_it() {
+    // The bundled draft, declared with a 96-token context.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("draft-context-96");
+    std::fs::create_dir_all(&dir).unwrap();
+    let m = common::models();
+    std::fs::copy(m.join("draft/model.onnx"), dir.join("model.onnx")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("draft/config.json")).unwrap())
+            .unwrap();
+    config["max_position_embeddings"] = 96.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let addr = common::free_port();
+    let _draft = common::spawn_process(
+        "draft-service",
+        addr,
+        &[
+            "--model".into(),
+            dir.display().to_string(),
+            "--tokenizer".into(),
+            m.join("tokenizer.json").display().to_string(),
+        ],
+    );
+    let dep = common::start_with(Setup {
+        orchestrator_flags: vec![format!("--draft=http://{addr}")],
+        ..Setup::drafts(0)
+    })
+    .await;
+    let n = 120;
+    let refs = reference(&dep, n).await;
+    let mut client = dep.client().await;
+    for (p, want) in PROMPTS.iter().zip(&refs) {
+        let g = client
+            .generate(greedy(p, Mode::Duodecoding, n))
+            .await
+            .unwrap()
+            .into_inner();
+        common::check_greedy(p, &common::encode(p), &g.token_ids, want);
+        let s = g.stats.unwrap();
+        assert_eq!(s.draft_failures, 0, "{s:?}");
+        assert!(s.drafted > 0, "{s:?}");
+    }
+}

@@ -119,6 +119,10 @@ impl DraftSide for PooledDraft {
         self.current.is_some()
     }
 
+    fn context_len(&self) -> Option<usize> {
+        self.current.as_ref().and_then(|(d, _)| d.context_len())
+    }
+
     fn submit(&mut self, job: DraftJob) -> Result<(), EngineError> {
         match &mut self.current {
             Some((d, _)) => d.submit(job),

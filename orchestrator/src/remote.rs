@@ -168,6 +168,8 @@ pub struct RemoteDraft {
     latency: duo_core::stats::Ema,
     /// The generation's vocabulary (a tree's proposals are checked against it).
     vocab: usize,
+    /// The worker's model context, as its Opened reply said (0: undeclared).
+    context_len: usize,
     pub failure: Failure,
 }
 
@@ -195,6 +197,7 @@ impl RemoteDraft {
                     tx,
                     rx,
                     timeout,
+                    context_len: info.model.as_ref().map_or(0, |m| m.context_len as usize),
                     submitted: None,
                     latency: duo_core::stats::Ema::new(DRAFT_LATENCY_ALPHA),
                     vocab,
@@ -216,6 +219,10 @@ impl RemoteDraft {
 }
 
 impl DraftSide for RemoteDraft {
+    fn context_len(&self) -> Option<usize> {
+        (self.context_len > 0).then_some(self.context_len)
+    }
+
     fn submit(&mut self, job: DraftJob) -> Result<(), EngineError> {
         let req = pb::DraftRequest {
             kind: Some(draft_request::Kind::Draft(pb::DraftJob {

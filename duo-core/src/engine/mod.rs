@@ -180,6 +180,7 @@ impl Engine {
         if !params.greedy_drafts {
             drafter = drafter.with_sampling(params.sampling, draft_rng(params.seed));
         }
+        let draft_context = self.draft.info().context_len;
         let draft_lm = &mut self.draft;
         let pin = self.pin_cores;
         let (tokenizer, limits, budget) = (&self.tokenizer, &self.limits, &mut self.budget);
@@ -200,6 +201,7 @@ impl Engine {
             let mut draft = ThreadDraft {
                 jobs: job_tx,
                 trees: tree_rx,
+                context_len: draft_context,
             };
             session::run(
                 &mut target,
@@ -236,11 +238,7 @@ pub fn check_pair(
             t.vocab_size
         )));
     }
-    let context_len = match (t.context_len, d.context_len) {
-        (Some(a), Some(b)) => a.min(b),
-        (Some(a), None) | (None, Some(a)) => a,
-        (None, None) => session::DEFAULT_CONTEXT_LEN,
-    };
+    let context_len = t.context_len.unwrap_or(session::DEFAULT_CONTEXT_LEN);
     Ok(Limits {
         context_len,
         vocab_size: t.vocab_size,
@@ -307,9 +305,15 @@ impl TargetSide for LocalTarget<'_> {
 struct ThreadDraft {
     jobs: mpsc::Sender<DraftJob>,
     trees: mpsc::Receiver<Result<DraftTree, RuntimeError>>,
+    /// The draft model's context, if declared.
+    context_len: Option<usize>,
 }
 
 impl DraftSide for ThreadDraft {
+    fn context_len(&self) -> Option<usize> {
+        self.context_len
+    }
+
     fn submit(&mut self, job: DraftJob) -> Result<(), EngineError> {
         self.jobs
             .send(job)

@@ -208,6 +208,12 @@ pub trait DraftSide {
     fn recover(&mut self) -> Recovery {
         Recovery::GiveUp
     }
+    /// The most tokens the draft model now drafting can hold, if known: the
+    /// loop drafts only within it (and goes on target-only beyond), so a
+    /// draft with a shorter context than the target's never fails for it.
+    fn context_len(&self) -> Option<usize> {
+        None
+    }
     /// Whether the side holds a draft session now. One that starts without
     /// (no worker was free) is asked to [`Self::recover`] each round until
     /// it has one; its missing rounds are draftless, not failures.
@@ -257,7 +263,9 @@ pub type Sink<'a> = dyn FnMut(&str, &[u32], &[f32]) -> bool + 'a;
 /// Limits the loop needs from the models.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Smallest context of the two models (tokens).
+    /// The target's context (tokens): prompt + generated must fit it. The
+    /// draft's own, possibly shorter, context is its side's
+    /// ([`DraftSide::context_len`]).
     pub context_len: usize,
     pub vocab_size: usize,
     pub eos: Option<u32>,
@@ -371,7 +379,13 @@ pub fn run(
         let _round =
             tracing::debug_span!("round", n = stats.rounds, tail = round.tail().len()).entered();
         let remaining = term.remaining();
-        let room = limits.context_len.saturating_sub(round.draft_context_len());
+        // The draft drafts within its own context, which may be shorter
+        // than the target's (the generation's limit).
+        let draft_limit = draft
+            .as_deref()
+            .and_then(|d| d.context_len())
+            .map_or(limits.context_len, |c| c.min(limits.context_len));
+        let room = draft_limit.saturating_sub(round.draft_context_len());
         let keep = round.target_keep();
         // 1. The draft: speculative mode drafts first and waits; duodecoding
         //    starts drafting and lets it run while the target works.
