@@ -234,7 +234,7 @@ pub(crate) fn cost_structure(
         ort_lib: cfg.ort_lib.clone(),
         ..ModelOptions::default()
     };
-    let median_ms = |lm: &mut CausalLm, tokens: usize| forward_ms(lm, tokens, 5, 20);
+    let median_ms = |lm: &mut CausalLm, tokens: usize| forward_ms(lm, 128, tokens, 5, 20);
     let target_opts = ModelOptions {
         device: cfg.target_device,
         ..opts.clone()
@@ -258,16 +258,17 @@ pub(crate) fn cost_structure(
 }
 
 /// Median milliseconds of one forward of `tokens` new tokens after a
-/// 128-token past (the model card's measure): `reps` timed runs after
-/// `warmup` untimed ones, the past truncated back each time.
+/// `past`-token past (the model card's measure uses 128): `reps` timed runs
+/// after `warmup` untimed ones, the past truncated back each time.
 pub(crate) fn forward_ms(
     lm: &mut duo_core::runtime::CausalLm,
+    past: usize,
     tokens: usize,
     warmup: usize,
     reps: usize,
 ) -> anyhow::Result<f64> {
     let mut seq = lm.sequence()?;
-    lm.extend(&mut seq, &[1; 128])?;
+    lm.extend_last(&mut seq, &vec![1; past], 1)?;
     let mut times = Vec::new();
     for rep in 0..warmup + reps.max(1) {
         let start = std::time::Instant::now();
@@ -275,7 +276,7 @@ pub(crate) fn forward_ms(
         if rep >= warmup {
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
-        seq.truncate(128)?;
+        seq.truncate(past)?;
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])

@@ -516,7 +516,7 @@ fn bench_runtime(a: RuntimeBenchArgs) -> anyhow::Result<()> {
         // Forward cost at past 128 (as in the model card): +1 and +8 tokens.
         let mut costs = serde_json::Map::new();
         for block in [1usize, 8] {
-            let ms = bench::forward_ms(&mut lm, block, 50, 350)?;
+            let ms = bench::forward_ms(&mut lm, 128, block, 50, 350)?;
             costs.insert(format!("+{block}_ms"), ms.into());
         }
         // k branches from one 128-token context, 4 greedy steps each: one

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use duo_core::runtime::{CausalLm, HostTraffic};
+use duo_core::runtime::CausalLm;
 use serde_json::{Value, json};
 
 /// Untimed forwards before each measured series.
@@ -26,17 +26,10 @@ fn ms<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (out, start.elapsed().as_secs_f64() * 1e3)
 }
 
-fn traffic_json(a: HostTraffic, b: HostTraffic) -> Value {
-    let forwards = (b.forwards - a.forwards).max(1);
-    json!({
-        "to_device": (b.to_device_bytes - a.to_device_bytes) / forwards,
-        "to_host": (b.to_host_bytes - a.to_host_bytes) / forwards,
-    })
-}
-
 /// For every context in `contexts`: ms per forward of each block size in
-/// `blocks` (median of `reps`) on a past of that length. Host bytes per
-/// step and cache-edit costs are measured at the largest context.
+/// `blocks` (median of `reps`, [`crate::bench::forward_ms`]) on a past of
+/// that length. Host bytes per step and cache-edit costs are measured at
+/// the largest context.
 pub fn sweep(
     lm: &mut CausalLm,
     contexts: &[usize],
@@ -44,35 +37,33 @@ pub fn sweep(
     reps: usize,
 ) -> anyhow::Result<Value> {
     let mut by_context = serde_json::Map::new();
-    let mut host = serde_json::Map::new();
-    let mut edits = json!({});
-    let largest = contexts.iter().copied().max().unwrap_or(0);
     for &ctx in contexts {
-        let mut seq = lm.sequence()?;
-        lm.extend_last(&mut seq, &vec![FILL_TOKEN; ctx], 1)?;
         let mut row = serde_json::Map::new();
         for &n in blocks {
-            let block = vec![FILL_TOKEN; n];
-            let mut times = Vec::new();
-            let before = lm.host_traffic();
-            for rep in 0..WARMUP + reps.max(1) {
-                let (res, t) = ms(|| lm.extend(&mut seq, &block));
-                res?;
-                seq.truncate(ctx)?;
-                if rep >= WARMUP {
-                    times.push(t);
-                }
-            }
-            row.insert(format!("+{n}_ms"), json!(median(times)));
-            if ctx == largest {
-                host.insert(format!("+{n}"), traffic_json(before, lm.host_traffic()));
-            }
+            let t = crate::bench::forward_ms(lm, ctx, n, WARMUP, reps)?;
+            row.insert(format!("+{n}_ms"), json!(t));
         }
         by_context.insert(ctx.to_string(), Value::Object(row));
-        if ctx == largest {
-            edits = edit_costs(lm, &mut seq, ctx, reps)?;
-        }
     }
+    let largest = contexts.iter().copied().max().unwrap_or(0);
+    let mut seq = lm.sequence()?;
+    lm.extend_last(&mut seq, &vec![FILL_TOKEN; largest.max(1)], 1)?;
+    let past = seq.len();
+    let mut host = serde_json::Map::new();
+    for &n in blocks {
+        let before = lm.host_traffic();
+        lm.extend(&mut seq, &vec![FILL_TOKEN; n])?;
+        let after = lm.host_traffic();
+        seq.truncate(past)?;
+        host.insert(
+            format!("+{n}"),
+            json!({
+                "to_device": after.to_device_bytes - before.to_device_bytes,
+                "to_host": after.to_host_bytes - before.to_host_bytes,
+            }),
+        );
+    }
+    let edits = edit_costs(lm, &mut seq, past, reps)?;
     let info = lm.info();
     Ok(json!({
         "model": info.path,
