@@ -342,7 +342,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         ar_outputs.push(outs[0].tokens.clone());
         // Greedy outputs must be identical across modes; samples differ.
-        let greedy = args.sampling.temperature == 0.0;
+        let greedy = args.sampling.params().is_greedy();
         for (mi, g) in outs.iter().enumerate().skip(1) {
             if greedy && g.tokens != outs[0].tokens {
                 divergences += 1;
@@ -427,7 +427,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "fraction_of_limit": duo_over_ar / limit.max(1e-9),
         "mean_accepted": duo.mean_accepted(),
         "sps_mean_accepted": sps.mean_accepted(),
-        "identical": (args.sampling.temperature == 0.0).then_some(divergences == 0),
+        "identical": args.sampling.params().is_greedy().then_some(divergences == 0),
         "temperature": args.sampling.temperature,
         "draft_sampling": args.sampling.draft_sampling,
         "duo_acceptance_rate": duo.accepted as f64 / duo.drafted.max(1) as f64,
@@ -579,7 +579,7 @@ fn run_grpc(
                 &params(args, *m),
                 |_| {},
             )?;
-            if args.sampling.temperature == 0.0 && g.tokens != ar_outputs[i] {
+            if args.sampling.params().is_greedy() && g.tokens != ar_outputs[i] {
                 identical = false;
                 eprintln!("prompt {i}: {m} over gRPC differs from in-process autoregressive");
             }
