@@ -191,7 +191,7 @@ pub(crate) fn read_prompts(
                 continue;
             }
             *count += 1;
-            let mut ids = tokenizer.encode(prompt)?;
+            let mut ids = tokenizer.encode_prompt(prompt)?;
             let cut = ids.len() > budget;
             if cut {
                 ids.drain(..ids.len() - budget);

@@ -26,6 +26,10 @@ pub struct LoadArgs {
     /// Draft worker counts to try, in turn (one local deployment each).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     drafts: Vec<usize>,
+    /// The target's batch limits to try, in turn (target-service
+    /// `--max-batch`; 1 = no batching), one local deployment each.
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    max_batch: Vec<u64>,
     /// Modes to compare at each point.
     #[arg(
         long,
@@ -55,6 +59,8 @@ pub struct LoadArgs {
 #[derive(Serialize)]
 struct Point {
     drafts: Option<usize>,
+    /// The target's `--max-batch` (None: a running orchestrator's).
+    max_batch: Option<u64>,
     mode: Mode,
     clients: usize,
     requests: usize,
@@ -132,6 +138,7 @@ fn measure(
     ttft.sort_by(f64::total_cmp);
     Ok(Point {
         drafts: None,
+        max_batch: None,
         mode: params.mode,
         clients,
         requests: all.len(),
@@ -152,6 +159,7 @@ fn sweep(
     endpoint: &str,
     prompts: &[Vec<u32>],
     drafts: Option<usize>,
+    max_batch: Option<u64>,
 ) -> anyhow::Result<Vec<Point>> {
     let base = GenerateParams {
         max_new_tokens: a.max_new_tokens,
@@ -176,9 +184,11 @@ fn sweep(
             };
             let mut p = measure(endpoint, prompts, &reference, &params, clients, a.requests)?;
             p.drafts = drafts;
+            p.max_batch = max_batch;
             eprintln!(
-                "drafts {:>4} {:>14} clients {clients}: {:7.1} tok/s, p50 {:7.1} ms, p99 {:7.1} ms, identical {}/{}",
+                "drafts {:>2} batch {:>2} {:>14} clients {clients}: {:7.1} tok/s, p50 {:7.1} ms, p99 {:7.1} ms, identical {}/{}",
                 drafts.map_or("-".into(), |d| d.to_string()),
+                max_batch.map_or("-".into(), |d| d.to_string()),
                 mode.to_string(),
                 p.tokens_per_s,
                 p.latency_p50_ms,
@@ -193,8 +203,8 @@ fn sweep(
 }
 
 pub fn run(a: LoadArgs) -> anyhow::Result<()> {
-    if a.clients.contains(&0) || a.requests == 0 {
-        bail!("--clients and --requests must be at least 1");
+    if a.clients.contains(&0) || a.requests == 0 || a.max_batch.contains(&0) {
+        bail!("--clients, --requests and --max-batch must be at least 1");
     }
     let cfg = a.models.config()?;
     let tok = Tokenizer::from_file(&cfg.tokenizer)
@@ -207,11 +217,14 @@ pub fn run(a: LoadArgs) -> anyhow::Result<()> {
         .collect();
     let mut points = Vec::new();
     match &a.endpoint {
-        Some(e) => points.extend(sweep(&a, e, &prompts, None)?),
+        Some(e) => points.extend(sweep(&a, e, &prompts, None, None)?),
         None => {
-            for &d in &a.drafts {
-                let dep = crate::up::start(&a.models, a.port, d, None, false)?;
-                points.extend(sweep(&a, &dep.endpoint, &prompts, Some(d))?);
+            for &batch in &a.max_batch {
+                for &d in &a.drafts {
+                    let flags = ["--max-batch".to_string(), batch.to_string()];
+                    let dep = crate::up::start(&a.models, a.port, d, None, false, &flags)?;
+                    points.extend(sweep(&a, &dep.endpoint, &prompts, Some(d), Some(batch))?);
+                }
             }
         }
     }

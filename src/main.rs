@@ -108,7 +108,10 @@ pub struct ModelArgs {
     /// Draft model (folder or .onnx); default: MODELS/draft.
     #[arg(long)]
     pub draft: Option<PathBuf>,
-    /// tokenizer.json; default: MODELS/tokenizer.json.
+    /// The tokenizer: a tokenizer.json or a model folder. Default: the
+    /// target's folder's own tokenizer.json (with its tokenizer_config.json:
+    /// BOS rules, chat template), or MODELS/tokenizer.json for the bundled
+    /// pair; a folder without one is an error.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Target device: cpu, cuda, cuda:N.
@@ -238,6 +241,12 @@ impl ModelArgs {
     /// The engine configuration; in the gpu-like regime the target and
     /// draft are the stand-ins, built into the cache when missing.
     pub fn config(&self) -> anyhow::Result<EngineConfig> {
+        self.config_for(true)
+    }
+
+    /// [`Self::config`]; without `with_draft` (autoregressive only) the
+    /// draft is not loaded, and need not exist.
+    pub fn config_for(&self, with_draft: bool) -> anyhow::Result<EngineConfig> {
         // The models folder is needed only for what is not given explicitly.
         let dir = self.models_dir();
         let part = |given: &Option<PathBuf>, name: &str| -> anyhow::Result<PathBuf> {
@@ -249,8 +258,23 @@ impl ModelArgs {
         };
         let mut cfg = EngineConfig::bundled(Path::new(""));
         cfg.target = part(&self.target, "target")?;
-        cfg.draft = part(&self.draft, "draft")?;
-        cfg.tokenizer = part(&self.tokenizer, "tokenizer.json")?;
+        cfg.with_draft = with_draft || self.regime == Regime::GpuLike;
+        cfg.draft = match part(&self.draft, "draft") {
+            Ok(d) => d,
+            Err(_) if !cfg.with_draft => PathBuf::new(),
+            Err(e) => return Err(e),
+        };
+        // The target's own tokenizer unless one is named (the bundled
+        // pair's is MODELS/tokenizer.json).
+        cfg.tokenizer = match &self.tokenizer {
+            Some(t) => t.clone(),
+            None => {
+                // A missing model is reported as such, not as a folder
+                // without a tokenizer.
+                duo_core::runtime::model::resolve_model_file(&cfg.target)?;
+                duo_core::tokenizer::model_tokenizer(&cfg.target)?
+            }
+        };
         if self.regime == Regime::GpuLike {
             let cache = self
                 .regime_cache
@@ -278,6 +302,13 @@ impl ModelArgs {
 struct GenerateArgs {
     /// The prompt text.
     prompt: String,
+    /// Treat the prompt as one user message of a chat: render it with the
+    /// model's chat template (tokenizer_config.json), as transformers'
+    /// `apply_chat_template(add_generation_prompt=True)` does; a model
+    /// without one (the bundled pair) gets the play-script prompt of
+    /// /v1/chat/completions.
+    #[arg(long)]
+    chat: bool,
     #[command(flatten)]
     models: ModelArgs,
     /// duodecoding, speculative or autoregressive.
@@ -351,8 +382,37 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The prompt's ids: as transformers encodes it (`encode_prompt`: a BOS
+/// where the model's tokenizer adds one), or with `chat` as one user
+/// message rendered by the model's chat template (encoded without adding
+/// special tokens again), else the play-script prompt (with its stop
+/// sequences, which are returned).
+fn prompt_ids(
+    tok: &duo_core::tokenizer::Tokenizer,
+    prompt: &str,
+    chat: bool,
+) -> anyhow::Result<(Vec<u32>, Vec<String>)> {
+    use duo_core::chat::{ChatMessage, ChatOptions, render_chat};
+    if !chat {
+        return Ok((tok.encode_prompt(prompt)?, Vec::new()));
+    }
+    if tok.chat_templates().is_empty() {
+        let t = orchestrator::openai::ChatTemplate {
+            assistant_name: "Assistant".into(),
+        };
+        let text = t.render("user", prompt) + &t.assistant_prefix();
+        return Ok((tok.encode_prompt(&text)?, t.stops()));
+    }
+    let text = render_chat(
+        tok,
+        &[ChatMessage::new("user", prompt)],
+        &ChatOptions::generation(),
+    )?;
+    Ok((tok.encode(&text)?, Vec::new()))
+}
+
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    let params = GenerateParams {
+    let mut params = GenerateParams {
         max_new_tokens: a.max_new_tokens,
         sampling: a.sampling.params(),
         seed: a.seed,
@@ -367,7 +427,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     // finish reason, stats) and nothing else; otherwise the prompt and the
     // text as it is verified, and a stats line on stderr.
     let mut out = std::io::stdout();
-    if !a.json {
+    if !a.json && !a.chat {
         print!("{}", a.prompt);
     }
     let stream = !a.json;
@@ -394,21 +454,26 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let g = match &a.endpoint {
         Some(endpoint) => {
             let mut remote = client::Remote::connect(endpoint)?;
-            let prompt = if a.cut_prompt {
+            let prompt = if a.cut_prompt || a.chat {
+                // Encoded here, with the local tokenizer (the server's must
+                // be the same).
                 let info = remote.info()?;
-                let tok = duo_core::tokenizer::Tokenizer::from_file(&a.models.config()?.tokenizer)?;
-                client::Prompt::Ids(cut(tok.encode(&a.prompt)?, info.context_len as usize))
+                let tok =
+                    duo_core::tokenizer::Tokenizer::load(&a.models.config_for(false)?.tokenizer)?;
+                let (ids, stops) = prompt_ids(&tok, &a.prompt, a.chat)?;
+                params.stop.extend(stops);
+                client::Prompt::Ids(cut(ids, info.context_len as usize))
             } else {
                 client::Prompt::Text(a.prompt.clone())
             };
             remote.generate(prompt, &params, show)?
         }
         None => {
-            let mut engine = Engine::load(&a.models.config()?).context("loading the models")?;
-            let prompt = cut(
-                engine.tokenizer().encode(&a.prompt)?,
-                engine.limits().context_len,
-            );
+            let cfg = a.models.config_for(a.mode != Mode::Autoregressive)?;
+            let mut engine = Engine::load(&cfg).context("loading the models")?;
+            let (ids, stops) = prompt_ids(engine.tokenizer(), &a.prompt, a.chat)?;
+            params.stop.extend(stops);
+            let prompt = cut(ids, engine.limits().context_len);
             engine.generate(prompt, &params, &mut |text, _, _| {
                 show(text);
                 true

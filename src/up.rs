@@ -91,13 +91,15 @@ fn spawn(name: &str, args: &[String], log: bool) -> anyhow::Result<(String, Chil
 /// Starts target, draft workers and orchestrator; returns when the
 /// orchestrator answers `Info` (the target is loaded and compatible) and
 /// reports every draft worker healthy (loaded, serving, compatible): ready
-/// means a first request drafts.
+/// means a first request drafts. `target_flags` go to target-service as
+/// they are (e.g. `--max-batch 1`).
 pub fn start(
     m: &ModelArgs,
     port: u16,
     drafts: usize,
     http_port: Option<u16>,
     log: bool,
+    target_flags: &[String],
 ) -> anyhow::Result<Deployment> {
     let cfg = m.config()?;
     let path = |p: &Path| p.display().to_string();
@@ -123,6 +125,7 @@ pub fn start(
         t.extend(["--cpu-core".into(), "0".into()]);
     }
     t.extend(common.clone());
+    t.extend(target_flags.iter().cloned());
     children.push(spawn("target-service", &t, log)?);
     let mut draft_addrs = Vec::new();
     for i in 0..drafts {
@@ -194,7 +197,14 @@ pub fn start(
 }
 
 pub fn run(a: UpArgs) -> anyhow::Result<()> {
-    let dep = start(&a.models, a.port, a.drafts, a.http_port, a.demo.is_none())?;
+    let dep = start(
+        &a.models,
+        a.port,
+        a.drafts,
+        a.http_port,
+        a.demo.is_none(),
+        &[],
+    )?;
     eprintln!(
         "orchestrator ready at {} (target on port {}, {} draft worker(s) from port {})",
         dep.endpoint,

@@ -34,9 +34,12 @@ pub struct Args {
     /// Draft model: folder with model.onnx (+ config.json) or an .onnx file.
     #[arg(long, env = "DUO_DRAFT_MODEL")]
     pub model: PathBuf,
-    /// tokenizer.json shared with the target (its fingerprint is checked per session).
+    /// The tokenizer shared with the target (its fingerprint is checked per
+    /// session): a tokenizer.json or a model folder. Default: the model
+    /// folder's own tokenizer.json (with its tokenizer_config.json), or the
+    /// bundled pair's models/tokenizer.json beside models/draft.
     #[arg(long, env = "DUO_TOKENIZER")]
-    pub tokenizer: PathBuf,
+    pub tokenizer: Option<PathBuf>,
     /// ONNX Runtime intra-op threads.
     #[arg(long, env = "DUO_THREADS", default_value_t = 1)]
     pub threads: usize,
@@ -254,7 +257,7 @@ pub async fn serve(
             let worker = LoadedWorker::load(
                 "draft",
                 &args_model,
-                &tok_path,
+                tok_path.as_deref(),
                 &opts,
                 vec!["cpu".into()],
                 max,

@@ -4,6 +4,7 @@
 //!   runner (KV cache, rollback, branches).
 //! - [`sampling`]: logits processing and seeded sampling.
 //! - [`tokenizer`]: `tokenizer.json` loading and streaming detokenization.
+//! - [`chat`]: rendering a model's chat template (`apply_chat_template`).
 //! - [`spec`]: the speculative algorithm as pure logic with no I/O:
 //!   verification, the DuoDecoding round state machine, the drafting policy,
 //!   the budget controller and termination.
@@ -11,6 +12,7 @@
 //! - [`engine`]: the in-process engine that drives [`spec`] over [`runtime`]
 //!   in three modes (autoregressive, speculative, duodecoding).
 
+pub mod chat;
 pub mod engine;
 pub mod gpu_like;
 mod onnx_graph;

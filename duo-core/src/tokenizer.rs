@@ -2,9 +2,14 @@
 //! streaming detokenization.
 //!
 //! [`Tokenizer`] wraps a Hugging Face [`tokenizers::Tokenizer`] loaded from a
-//! `tokenizer.json` file. [`IncrementalDecoder`] turns a stream of token ids
-//! into text chunks that never split a UTF-8 character or a multi-token glyph.
+//! `tokenizer.json` file ([`Tokenizer::from_file`]) or from a model folder
+//! with its `tokenizer_config.json` and `special_tokens_map.json`
+//! ([`Tokenizer::from_model_dir`]: special-token strings, chat templates,
+//! and transformers' prompt-encoding rules). [`IncrementalDecoder`] turns a
+//! stream of token ids into text chunks that never split a UTF-8 character
+//! or a multi-token glyph.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Names under which tokenizers commonly store their end-of-text token, in
@@ -50,6 +55,27 @@ pub enum TokenizerError {
     /// The tokenizer failed to decode the ids.
     #[error("cannot decode token ids: {0}")]
     Decode(String),
+    /// A model folder has no `tokenizer.json`.
+    #[error(
+        "{} has no tokenizer.json: save the model's fast tokenizer into the folder \
+         (`AutoTokenizer.from_pretrained(model).save_pretrained(folder)`; an Optimum export \
+         does this), or name the model's tokenizer with --tokenizer (a tokenizer.json or a \
+         model folder)",
+        dir.display()
+    )]
+    NoTokenizerJson {
+        /// The folder that was searched.
+        dir: PathBuf,
+    },
+    /// A tokenizer side file (`tokenizer_config.json`,
+    /// `special_tokens_map.json`, a chat template) is unreadable or malformed.
+    #[error("cannot use {}: {message}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// An id has no token in this tokenizer's vocabulary.
     #[error(
         "token id {id} is not in the tokenizer's vocabulary ({vocab_size} tokens): the model and \
@@ -71,7 +97,55 @@ pub enum TokenizerError {
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Declared special tokens (empty for [`Tokenizer::from_file`]).
+    special: SpecialTokens,
+    /// Chat templates (none for [`Tokenizer::from_file`]).
+    chat_templates: Vec<ChatTemplateSource>,
 }
+
+/// The special-token strings a model folder declares (`tokenizer_config.json`,
+/// overridden by `special_tokens_map.json`, as transformers loads them;
+/// either may spell a token as a string or as `{"content": ...}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    /// `bos_token`.
+    pub bos: Option<String>,
+    /// `eos_token`.
+    pub eos: Option<String>,
+    /// `unk_token`.
+    pub unk: Option<String>,
+    /// `pad_token`.
+    pub pad: Option<String>,
+    /// Every declared `*_token` by its transformers name (`bos_token`,
+    /// `eos_token`, `unk_token`, `pad_token`, `sep_token`, `cls_token`,
+    /// `mask_token`, ...), as a chat template sees them.
+    pub named: BTreeMap<String, String>,
+    /// `additional_special_tokens`, in order.
+    pub additional: Vec<String>,
+}
+
+/// One chat template of a model folder: `tokenizer_config.json`'s
+/// `chat_template` (a string, named `"default"`, or a list of
+/// `{name, template}`), else `chat_template.jinja` (`"default"`) and
+/// `additional_chat_templates/<name>.jinja`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTemplateSource {
+    /// The template's name (`"default"` for a lone template).
+    pub name: String,
+    /// The Jinja source.
+    pub source: String,
+}
+
+/// Tokenizer classes whose transformers fast tokenizer rebuilds the
+/// post-processor from `add_bos_token` / `add_eos_token`
+/// (`update_post_processor`), with these defaults.
+/// Matched without a `Fast` suffix.
+const BOS_EOS_RULE_CLASSES: [(&str, bool, bool); 4] = [
+    ("LlamaTokenizer", true, false),
+    ("CodeLlamaTokenizer", true, false),
+    ("GemmaTokenizer", true, false),
+    ("CohereTokenizer", true, false),
+];
 
 impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json` from `path`.
@@ -99,7 +173,193 @@ impl Tokenizer {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            special: SpecialTokens::default(),
+            chat_templates: Vec::new(),
+        })
+    }
+
+    /// Loads the tokenizer of a Hugging Face model folder (an Optimum
+    /// export, a `save_pretrained` folder): `tokenizer.json`, plus what
+    /// `tokenizer_config.json` and `special_tokens_map.json` declare
+    /// (special tokens, [`Self::special_tokens`]; chat templates,
+    /// [`Self::chat_templates`], also from `chat_template.jinja` and
+    /// `additional_chat_templates/*.jinja`).
+    ///
+    /// [`Self::encode_prompt`] then encodes as transformers' `AutoTokenizer`
+    /// does: the post-processor of `tokenizer.json`, except for the
+    /// Llama-family classes (`tokenizer_class` `LlamaTokenizer[Fast]`,
+    /// `CodeLlamaTokenizer[Fast]`, `GemmaTokenizer[Fast]`,
+    /// `CohereTokenizer[Fast]`), whose fast tokenizer rebuilds it from
+    /// `add_bos_token` (default true) and `add_eos_token` (default false).
+    /// [`Self::encode`], [`Self::decode`] and [`Self::fingerprint`] are
+    /// those of the bare `tokenizer.json`.
+    ///
+    /// Errors: [`TokenizerError::NoTokenizerJson`] when the folder has no
+    /// `tokenizer.json`; those of [`Self::from_file`];
+    /// [`TokenizerError::Config`] when a side file is present but
+    /// unreadable or not the JSON it should be (absent side files are fine).
+    pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self, TokenizerError> {
+        let dir = dir.as_ref();
+        let json = dir.join("tokenizer.json");
+        if !json.is_file() {
+            return Err(TokenizerError::NoTokenizerJson {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let mut tok = Self::from_file(&json)?;
+        let config = read_json_object(&dir.join("tokenizer_config.json"))?;
+        let map = read_json_object(&dir.join("special_tokens_map.json"))?;
+        tok.special = special_tokens(&config, &map);
+        tok.chat_templates = chat_templates(dir, &config)?;
+        tok.apply_bos_eos_rule(&config, &dir.join("tokenizer_config.json"))?;
+        Ok(tok)
+    }
+
+    /// Loads `path` as a service's `--tokenizer` names it: a model folder
+    /// ([`Self::from_model_dir`]), or a `tokenizer.json` file — with its
+    /// folder's `tokenizer_config.json` rules when one lies beside it
+    /// (a model folder's `tokenizer.json` given by its path), else bare
+    /// ([`Self::from_file`], e.g. the bundled `models/tokenizer.json`).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
+        let path = path.as_ref();
+        if path.is_dir() {
+            return Self::from_model_dir(path);
+        }
+        match path.parent() {
+            Some(dir)
+                if path.file_name().is_some_and(|n| n == "tokenizer.json")
+                    && dir.join("tokenizer_config.json").is_file() =>
+            {
+                Self::from_model_dir(dir)
+            }
+            _ => Self::from_file(path),
+        }
+    }
+
+    /// Rebuilds the post-processor from `add_bos_token`/`add_eos_token` for
+    /// the Llama-family classes, as their transformers fast tokenizer does.
+    fn apply_bos_eos_rule(
+        &mut self,
+        config: &serde_json::Map<String, serde_json::Value>,
+        config_path: &Path,
+    ) -> Result<(), TokenizerError> {
+        let Some(class) = config.get("tokenizer_class").and_then(|c| c.as_str()) else {
+            return Ok(());
+        };
+        let base = class.strip_suffix("Fast").unwrap_or(class);
+        let Some(&(_, bos_default, eos_default)) =
+            BOS_EOS_RULE_CLASSES.iter().find(|(name, ..)| *name == base)
+        else {
+            return Ok(());
+        };
+        let flag = |key: &str, default: bool| {
+            config
+                .get(key)
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(default)
+        };
+        let (add_bos, add_eos) = (
+            flag("add_bos_token", bos_default),
+            flag("add_eos_token", eos_default),
+        );
+        let token = |t: &Option<String>| -> Option<(String, u32)> {
+            let t = t.as_ref()?;
+            Some((t.clone(), self.inner.token_to_id(t)?))
+        };
+        // transformers refuses a flag without its token; keep tokenizer.json's
+        // own post-processor then rather than fail to load.
+        let bos = if add_bos {
+            match token(&self.special.bos) {
+                Some(b) => Some(b),
+                None => return Ok(()),
+            }
+        } else {
+            None
+        };
+        let eos = if add_eos {
+            match token(&self.special.eos) {
+                Some(e) => Some(e),
+                None => return Ok(()),
+            }
+        } else {
+            None
+        };
+        let piece = |t: &str, type_id: u32| format!("{t}:{type_id}");
+        let mut single = Vec::new();
+        let mut pair = Vec::new();
+        for (seq, type_id) in [("$A", 0u32), ("$B", 1)] {
+            let part: Vec<String> = bos
+                .iter()
+                .map(|(t, _)| piece(t, type_id))
+                .chain([piece(seq, type_id)])
+                .chain(eos.iter().map(|(t, _)| piece(t, type_id)))
+                .collect();
+            if seq == "$A" {
+                single = part.clone();
+            }
+            pair.extend(part);
+        }
+        let mut specials: Vec<(String, u32)> = bos.into_iter().chain(eos).collect();
+        specials.dedup();
+        let bad = |e: String| TokenizerError::Config {
+            path: config_path.to_path_buf(),
+            message: format!("cannot build the add_bos_token/add_eos_token post-processor: {e}"),
+        };
+        let processor = tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single(single)
+            .map_err(bad)?
+            .try_pair(pair)
+            .map_err(bad)?
+            .special_tokens(specials)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        self.inner.with_post_processor(Some(processor));
+        Ok(())
+    }
+
+    /// Encodes a prompt exactly as transformers' `AutoTokenizer` does
+    /// (`tokenizer(text)["input_ids"]`, `add_special_tokens=True`): the
+    /// post-processor adds what the model expects, e.g. Llama's BOS.
+    ///
+    /// For a tokenizer loaded with [`Self::from_file`] the post-processor is
+    /// the bare `tokenizer.json`'s; for the bundled byte-level tokenizer it
+    /// adds nothing, so this equals [`Self::encode`]. Text that is already a
+    /// rendered chat template (which holds its own BOS) is encoded with
+    /// [`Self::encode`], as `apply_chat_template` does.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The declared special-token strings (all empty for a tokenizer from
+    /// [`Self::from_file`]).
+    pub fn special_tokens(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    /// The chat templates, in declaration order (none for a tokenizer from
+    /// [`Self::from_file`]).
+    pub fn chat_templates(&self) -> &[ChatTemplateSource] {
+        &self.chat_templates
+    }
+
+    /// The chat template named `name`; with `None`, the one named
+    /// `"default"`, else the only one.
+    pub fn chat_template(&self, name: Option<&str>) -> Option<&ChatTemplateSource> {
+        match name {
+            Some(n) => self.chat_templates.iter().find(|t| t.name == n),
+            None => self.chat_templates.iter().find(|t| t.name == "default").or(
+                match self.chat_templates.as_slice() {
+                    [only] => Some(only),
+                    _ => None,
+                },
+            ),
+        }
     }
 
     /// Encodes `text` into token ids without adding any special tokens (no
@@ -149,6 +409,17 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// One past the largest id of the vocabulary (added tokens included):
+    /// the LM-head rows this tokenizer can use. Rows from here on (a padded
+    /// head's) have no token.
+    pub fn id_limit(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&id| id as usize + 1)
+    }
+
     /// The end-of-text id: the first of `<|endoftext|>`, `</s>`,
     /// `<|end_of_text|>`, `<eos>` that is in the vocabulary, or `None`.
     pub fn eos_id(&self) -> Option<u32> {
@@ -179,6 +450,193 @@ impl Tokenizer {
         }
         format!("{:016x}", hash.0)
     }
+}
+
+/// The tokenizer a model uses when none is named (a service's or `duo`'s
+/// `--tokenizer` left out), for the model at `model` (a folder or an
+/// `.onnx` file in one): the model's folder when it holds a
+/// `tokenizer.json` (loaded by [`Tokenizer::load`] with its
+/// `tokenizer_config.json` rules); for the bundled pair's layout
+/// (`MODELS/target`, `MODELS/draft` beside `MODELS/tokenizer.json`), that
+/// shared file.
+///
+/// Errors: [`TokenizerError::NoTokenizerJson`] for any other folder
+/// without a `tokenizer.json`: a user's model never silently gets another
+/// model's tokenizer.
+pub fn model_tokenizer(model: &Path) -> Result<PathBuf, TokenizerError> {
+    let dir = if model.is_dir() {
+        model
+    } else {
+        model
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    };
+    if dir.join("tokenizer.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let bundled_layout = dir
+        .file_name()
+        .is_some_and(|n| n == "target" || n == "draft");
+    if bundled_layout
+        && let Some(shared) = dir.parent().map(|p| p.join("tokenizer.json"))
+        && shared.is_file()
+    {
+        return Ok(shared);
+    }
+    Err(TokenizerError::NoTokenizerJson {
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Reads a JSON object file; a missing file is an empty object.
+fn read_json_object(
+    path: &Path,
+) -> Result<serde_json::Map<String, serde_json::Value>, TokenizerError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(serde_json::Map::new()),
+        Err(e) => {
+            return Err(TokenizerError::Config {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            });
+        }
+    };
+    match serde_json::from_str(&text) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(TokenizerError::Config {
+            path: path.to_path_buf(),
+            message: "not a JSON object".into(),
+        }),
+        Err(e) => Err(TokenizerError::Config {
+            path: path.to_path_buf(),
+            message: format!("invalid JSON: {e}"),
+        }),
+    }
+}
+
+/// A special token as transformers stores it: a string, or an AddedToken
+/// object `{"content": ..., ...}`.
+fn token_content(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// The special tokens of `tokenizer_config.json`, each overridden by
+/// `special_tokens_map.json`'s (which transformers applies last).
+fn special_tokens(
+    config: &serde_json::Map<String, serde_json::Value>,
+    map: &serde_json::Map<String, serde_json::Value>,
+) -> SpecialTokens {
+    let mut named = BTreeMap::new();
+    let mut additional = Vec::new();
+    for source in [config, map] {
+        for (key, value) in source {
+            if key == "additional_special_tokens" {
+                if let Some(items) = value.as_array() {
+                    additional = items.iter().filter_map(token_content).collect();
+                }
+            } else if key.ends_with("_token") && !key.starts_with("add_") {
+                match token_content(value) {
+                    Some(t) => {
+                        named.insert(key.clone(), t);
+                    }
+                    None if value.is_null() => {
+                        named.remove(key);
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    SpecialTokens {
+        bos: named.get("bos_token").cloned(),
+        eos: named.get("eos_token").cloned(),
+        unk: named.get("unk_token").cloned(),
+        pad: named.get("pad_token").cloned(),
+        named,
+        additional,
+    }
+}
+
+/// The chat templates of a model folder: `tokenizer_config.json`'s
+/// `chat_template`, else `chat_template.jinja` and
+/// `additional_chat_templates/*.jinja` (sorted by name).
+fn chat_templates(
+    dir: &Path,
+    config: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Vec<ChatTemplateSource>, TokenizerError> {
+    let config_path = dir.join("tokenizer_config.json");
+    let bad = |message: String| TokenizerError::Config {
+        path: config_path.clone(),
+        message,
+    };
+    match config.get("chat_template") {
+        Some(serde_json::Value::String(source)) => {
+            return Ok(vec![ChatTemplateSource {
+                name: "default".into(),
+                source: source.clone(),
+            }]);
+        }
+        Some(serde_json::Value::Array(items)) => {
+            return items
+                .iter()
+                .map(|item| {
+                    let name = item.get("name").and_then(|n| n.as_str());
+                    let source = item.get("template").and_then(|t| t.as_str());
+                    match (name, source) {
+                        (Some(name), Some(source)) => Ok(ChatTemplateSource {
+                            name: name.into(),
+                            source: source.into(),
+                        }),
+                        _ => Err(bad(format!(
+                            "a chat_template list entry must be {{\"name\": ..., \"template\": ...}}, got {item}"
+                        ))),
+                    }
+                })
+                .collect();
+        }
+        Some(serde_json::Value::Null) | None => {}
+        Some(other) => {
+            return Err(bad(format!(
+                "chat_template must be a string or a list of {{name, template}}, got {other}"
+            )));
+        }
+    }
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| TokenizerError::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    };
+    let mut out = Vec::new();
+    let main = dir.join("chat_template.jinja");
+    if main.is_file() {
+        out.push(ChatTemplateSource {
+            name: "default".into(),
+            source: read(&main)?,
+        });
+    }
+    if let Ok(entries) = std::fs::read_dir(dir.join("additional_chat_templates")) {
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "jinja"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            if let Some(name) = path.file_stem().and_then(|n| n.to_str()) {
+                out.push(ChatTemplateSource {
+                    name: name.into(),
+                    source: read(&path)?,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// FNV-1a, 64-bit (http://www.isthe.com/chongo/tech/comp/fnv/).

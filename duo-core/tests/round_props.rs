@@ -96,7 +96,7 @@ proptest! {
         gamma in prop::option::of(0usize..100),
         max_branches in 0usize..20,
     ) {
-        let limits = Limits { context_len: 512, vocab_size: 2048, eos: Some(0) };
+        let limits = Limits { context_len: 512, vocab_size: 2048, eos: vec![0] };
         let params = GenerateParams {
             max_new_tokens: max_new,
             sampling: SamplingParams { temperature, top_k, top_p },

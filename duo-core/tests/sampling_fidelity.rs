@@ -283,7 +283,7 @@ fn joint_counts_with(
     let limits = Limits {
         context_len: 64,
         vocab_size: 2048,
-        eos: None,
+        eos: Vec::new(),
     };
     let mut counts = vec![0u32; V * V];
     let mut budget = BudgetController::new(BudgetConfig::fixed(gamma));
@@ -472,7 +472,7 @@ fn a_dying_draft_leaves_greedy_output_unchanged() {
     let limits = Limits {
         context_len: 128,
         vocab_size: 2048,
-        eos: None,
+        eos: Vec::new(),
     };
     let run = |mode: Mode, flaky: Option<usize>| {
         let mut target = ToyTarget {

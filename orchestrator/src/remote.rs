@@ -3,7 +3,7 @@
 //! each. They are driven from a blocking thread (the generation loop is
 //! synchronous) and reach the async streams through the runtime handle.
 //! Dropping them closes the streams, which frees the sessions on the
-//! services.
+//! services. [`endpoint`] is how every channel to a service is made.
 
 use std::time::Duration;
 
@@ -17,8 +17,25 @@ use duo_rpc::pb::{self, draft_reply, draft_request, target_reply, target_request
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Status, Streaming};
+
+/// The endpoint of a channel to `address` (`host:port` or a URL), with
+/// the connection settings every channel to a service shares.
+pub(crate) fn endpoint(address: &str) -> Result<Endpoint, String> {
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    Endpoint::from_shared(uri)
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(20))
+        })
+        .map_err(|e| format!("bad address {address:?}: {e}"))
+}
 
 /// The first remote failure seen, kept so the caller can answer the client
 /// with the service's own status (e.g. INVALID_ARGUMENT) instead of a

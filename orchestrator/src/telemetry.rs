@@ -22,6 +22,22 @@ pub fn record_request(mode: Option<Mode>, res: &Result<(Generation, String), Sta
         .increment(1);
 }
 
+/// Records a request whose future was dropped before it finished (the
+/// client left) as `CANCELLED`; `finished` is set once the request has
+/// been recorded the normal way.
+pub(crate) struct Abandoned {
+    pub(crate) mode: Option<Mode>,
+    pub(crate) finished: bool,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if !self.finished {
+            record_request(self.mode, &Err(Status::cancelled("the client left")));
+        }
+    }
+}
+
 /// Chunk timing: time to first token, then inter-token latency (a chunk of
 /// n tokens counts as n tokens spaced evenly over its gap).
 pub fn record_emission(last: &mut Option<Instant>, started: Instant, tokens: usize) {

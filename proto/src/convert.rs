@@ -195,6 +195,8 @@ pub fn model_to_pb(m: &ModelInfo) -> pb::ModelInfo {
         context_len: m.context_len.unwrap_or(0) as u32,
         provider: m.provider.to_string(),
         threads: m.intra_threads as u32,
+        eos_token_ids: m.eos_token_ids.clone(),
+        padded_vocab_size: m.padded_vocab_size as u32,
     }
 }
 

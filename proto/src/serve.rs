@@ -31,6 +31,12 @@ pub struct CommonArgs {
     /// work finishes and the process exits.
     #[arg(long, env = "DUO_DRAIN_DELAY_MS", default_value_t = 0)]
     pub drain_delay_ms: u64,
+    /// Once listening, write the bound address (`IP:PORT` and a newline)
+    /// to this file, atomically (written beside it, then renamed). With
+    /// `--listen 127.0.0.1:0` the system picks a free port: this is how
+    /// whoever started the service (the end-to-end tests) learns which.
+    #[arg(long)]
+    pub port_file: Option<std::path::PathBuf>,
 }
 
 /// Session limits of a worker (draft or target service).
@@ -520,8 +526,9 @@ pub fn stopped(
 }
 
 /// A service's `main`: logging, a tokio runtime, the listener on
-/// `common.listen`, then `serve` until it returns (services stop on
-/// SIGTERM or Ctrl-C). Any error is one line on stderr and exit code 1.
+/// `common.listen` (its address written to `--port-file`, if given), then
+/// `serve` until it returns (services stop on SIGTERM or Ctrl-C). Any error
+/// is one line on stderr and exit code 1.
 pub fn run_main<F, Fut>(name: &str, common: &CommonArgs, serve: F) -> std::process::ExitCode
 where
     F: FnOnce(tokio::net::TcpListener) -> Fut,
@@ -542,9 +549,25 @@ where
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        if let Some(path) = &common.port_file {
+            let bound = listener
+                .local_addr()
+                .map_err(|e| format!("cannot read the address bound for {listen}: {e}"))?;
+            write_port_file(path, bound)?;
+        }
         serve(listener).await
     })
     .map_or_else(fail, |()| std::process::ExitCode::SUCCESS)
+}
+
+/// Writes `addr` and a newline to `path`: to a file beside it, then
+/// renamed, so that a reader never sees it half written.
+fn write_port_file(path: &std::path::Path, addr: SocketAddr) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("cannot write the port file {}: {e}", path.display()))
 }
 
 /// The accepted connections of `listener`, with Nagle's algorithm off:
@@ -883,6 +906,17 @@ mod tests {
         queued.await.unwrap().unwrap();
         assert_eq!(l.open_count(), 0);
         assert_eq!(l.waiting(), 0);
+    }
+
+    #[test]
+    fn the_port_file_holds_the_bound_address() {
+        let path = std::env::temp_dir().join(format!("duo-port-file-{}", std::process::id()));
+        let addr: SocketAddr = "127.0.0.1:40123".parse().unwrap();
+        write_port_file(&path, addr).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(text, "127.0.0.1:40123\n");
+        assert_eq!(text.trim().parse::<SocketAddr>().unwrap(), addr);
     }
 
     #[tokio::test]

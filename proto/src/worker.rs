@@ -6,8 +6,9 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use duo_core::engine::{check_folder_tokenizer, fit_to_tokenizer};
 use duo_core::runtime::{CausalLm, ModelOptions, RuntimeError};
-use duo_core::tokenizer::Tokenizer;
+use duo_core::tokenizer::{Tokenizer, model_tokenizer};
 use tonic::{Status, Streaming};
 
 use crate::convert::model_to_pb;
@@ -20,17 +21,37 @@ pub struct LoadedWorker {
 }
 
 impl LoadedWorker {
-    /// Loads the tokenizer (for its fingerprint) and the model.
+    /// Loads the tokenizer (for its fingerprint) and the model, and fits
+    /// the model to the tokenizer ([`fit_to_tokenizer`]: a tokenizer that
+    /// is not the model's is refused; a padded LM head's extra rows are cut
+    /// off). `tokenizer` is a `tokenizer.json` or a model folder
+    /// ([`Tokenizer::load`]); `None`: the model folder's own
+    /// ([`model_tokenizer`]; an error for a folder without one).
     pub fn load(
         role: &str,
         model: &Path,
-        tokenizer: &Path,
+        tokenizer: Option<&Path>,
         opts: &ModelOptions,
         devices: Vec<String>,
         max_sessions: usize,
     ) -> Result<Self, String> {
-        let tok = Tokenizer::from_file(tokenizer).map_err(|e| e.to_string())?;
-        let lm = CausalLm::load(model, opts).map_err(|e| e.to_string())?;
+        let tok_path = match tokenizer {
+            Some(p) => p.to_path_buf(),
+            None => model_tokenizer(model).map_err(|e| e.to_string())?,
+        };
+        let tok = Tokenizer::load(&tok_path).map_err(|e| e.to_string())?;
+        let mut lm = CausalLm::load(model, opts).map_err(|e| e.to_string())?;
+        check_folder_tokenizer(model, &tok).map_err(|e| e.to_string())?;
+        fit_to_tokenizer(&mut lm, &tok).map_err(|e| e.to_string())?;
+        tracing::info!(
+            role,
+            tokenizer = %tok_path.display(),
+            fingerprint = %tok.fingerprint(),
+            vocab = lm.info().vocab_size,
+            lm_head_rows = lm.info().padded_vocab_size,
+            eos_token_ids = ?lm.info().eos_token_ids,
+            "tokenizer loaded"
+        );
         let info = pb::WorkerInfo {
             role: role.into(),
             model: Some(model_to_pb(lm.info())),
@@ -58,6 +79,9 @@ impl LoadedWorker {
 
     /// FAILED_PRECONDITION unless the caller's vocabulary and tokenizer
     /// fingerprint equal this worker's (mixing vocabularies corrupts output).
+    /// The vocabularies are the ids in use: a worker whose LM head is padded
+    /// beyond the shared tokenizer uses the tokenizer's ids, as its peer
+    /// does (see `ModelInfo.padded_vocab_size`).
     pub fn check_caller(&self, vocab_size: u32, fingerprint: &str) -> Result<(), Status> {
         let ours = self.vocab_size();
         if vocab_size != ours || fingerprint != self.info.tokenizer_fingerprint {

@@ -152,9 +152,11 @@ mod tests {
             head_dim: 4,
             kv_dtype: KvDType::F16,
             vocab_size: 10,
+            padded_vocab_size: 10,
             has_position_ids: true,
             context_len: Some(100),
             eos_token_id: None,
+            eos_token_ids: Vec::new(),
             provider: "CPU",
             intra_threads: 1,
         }

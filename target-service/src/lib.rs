@@ -6,6 +6,7 @@
 //! (sampling settings and seed: the session's random draws happen here),
 //! then `Verify` requests. Closing the stream frees the session.
 
+mod batcher;
 pub mod devices;
 pub mod kv_budget;
 
@@ -13,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
-use duo_core::engine::{TargetVerdict, Verifier};
-use duo_core::runtime::{Device, ModelOptions, RuntimeError};
+use duo_core::engine::Verifier;
+use duo_core::runtime::{BatchItem, Device, ModelOptions};
 use duo_core::sampling::{Distribution, Rng, SamplingParams, rng_from_seed};
 use duo_rpc::convert::proposals_from_pb;
 use duo_rpc::pb::target_server::{Target, TargetServer};
@@ -37,9 +38,12 @@ pub struct Args {
     /// Target model: folder with model.onnx (+ config.json) or an .onnx file.
     #[arg(long, env = "DUO_TARGET_MODEL")]
     pub model: PathBuf,
-    /// tokenizer.json shared with the draft (its fingerprint is checked per session).
+    /// The tokenizer shared with the draft (its fingerprint is checked per
+    /// session): a tokenizer.json or a model folder. Default: the model
+    /// folder's own tokenizer.json (with its tokenizer_config.json), or the
+    /// bundled pair's models/tokenizer.json beside models/target.
     #[arg(long, env = "DUO_TOKENIZER")]
-    pub tokenizer: PathBuf,
+    pub tokenizer: Option<PathBuf>,
     /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda` and the onnxruntime-gpu library).
     #[arg(long, env = "DUO_DEVICE", default_value = "cpu")]
     pub device: Device,
@@ -61,6 +65,19 @@ pub struct Args {
     /// memory free after the model loaded (GPU memory on CUDA, RAM on CPU).
     #[arg(long, env = "DUO_KV_BUDGET_MIB")]
     pub kv_budget_mib: Option<u64>,
+    /// Most sessions' rounds run as one batched forward (1 = no batching).
+    #[arg(long, env = "DUO_MAX_BATCH", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch: u64,
+    /// Most fed tokens per batched forward, padding included (sessions ×
+    /// the longest feed); a single round always runs, however long.
+    #[arg(long, env = "DUO_MAX_BATCH_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch_tokens: u64,
+    /// Longest wait, in microseconds, for the sessions of the previous batch
+    /// to send their next round before a forward runs without them (and
+    /// never over a quarter of the last forward's time; a lone session
+    /// never waits). 0 = never wait.
+    #[arg(long, env = "DUO_BATCH_WAIT_US", default_value_t = 5000)]
+    pub batch_wait_us: u64,
 }
 
 #[derive(Clone)]
@@ -69,7 +86,7 @@ struct TargetService {
     kv: Arc<OnceLock<kv_budget::KvBudget>>,
     limiter: SessionLimiter,
     ttl: Option<std::time::Duration>,
-    cpu_core: Option<usize>,
+    batcher: batcher::Batcher,
 }
 
 /// One generation's target state.
@@ -80,6 +97,8 @@ struct TargetSession {
     logprobs: bool,
     /// This session's share of the KV budget, released with the session.
     _kv: kv_budget::Reservation,
+    /// The session's place with the batcher, which learns when it ends.
+    ticket: batcher::Ticket,
 }
 
 impl TargetService {
@@ -87,6 +106,42 @@ impl TargetService {
         self.loaded
             .get()
             .ok_or_else(|| Status::unavailable("target-service is still loading its model"))
+    }
+
+    /// One verification round of session `s`: its forward through the
+    /// batcher (with whatever other sessions' rounds are waiting), then the
+    /// judging on a blocking thread. The session comes back unless the
+    /// scheduler or the judging task failed.
+    async fn round(
+        &self,
+        s: TargetSession,
+        v: pb::Verify,
+        proposals: Vec<Distribution>,
+    ) -> Result<(TargetSession, Result<pb::TargetReply, Status>), Status> {
+        let (mut s, forward) = self.batcher.forward(s, v).await?;
+        let judged = tokio::task::spawn_blocking(move || {
+            let res =
+                forward.and_then(|f| f.judge(&s.sampling, &proposals, &mut s.rng, s.logprobs));
+            (s, res)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("verification task failed: {e}")))?;
+        let (s, res) = judged;
+        if let Ok(v) = &res {
+            metrics::counter!("duo_target_verifies_total").increment(1);
+            metrics::counter!("duo_target_fed_tokens_total").increment(v.fed as u64);
+            metrics::histogram!("duo_target_verify_seconds").record(v.secs);
+        }
+        let reply = res.map_err(runtime_status).map(|v| pb::TargetReply {
+            kind: Some(target_reply::Kind::Verdict(pb::Verdict {
+                accepted: v.verdict.accepted as u32,
+                next: v.verdict.next,
+                logprobs: v.logprobs,
+                fed: v.fed as u32,
+                secs: v.secs,
+            })),
+        });
+        Ok((s, reply))
     }
 
     fn worker_info(&self, loaded: &LoadedWorker) -> pb::WorkerInfo {
@@ -116,6 +171,7 @@ fn open_session(
         rng: rng_from_seed(open.seed),
         logprobs: open.logprobs,
         _kv: kv,
+        ticket: svc.batcher.ticket(),
     };
     Ok((
         session,
@@ -152,42 +208,6 @@ fn check_verify(v: &pb::Verify, vocab: usize) -> Result<Vec<Distribution>, Statu
     let tail = &v.feed[v.feed.len() - v.tail_len as usize..];
     proposals_from_pb(&v.proposals, tail, vocab)
         .map_err(|e| Status::invalid_argument(format!("Verify.proposals: {e}")))
-}
-
-/// Runs one `Verify` (checked by [`check_verify`]) for session `s`. The
-/// model is locked for the forward alone: distributions, verification and
-/// log-probabilities run after it is released, so other sessions' forwards
-/// need not wait for them.
-fn verify(
-    loaded: &LoadedWorker,
-    s: &mut TargetSession,
-    v: &pb::Verify,
-    proposals: &[Distribution],
-) -> Result<TargetVerdict, RuntimeError> {
-    let Some(tail) = v
-        .feed
-        .len()
-        .checked_sub(v.tail_len as usize)
-        .and_then(|at| v.feed.get(at..))
-    else {
-        return Err(RuntimeError::Invalid(
-            "Verify.tail_len is longer than the fed tokens".into(),
-        ));
-    };
-    let forward = {
-        let mut lm = loaded.lm();
-        let before = lm.host_traffic();
-        let forward = s
-            .verifier
-            .forward(&mut lm, v.keep as usize, &v.feed, tail)?;
-        let after = lm.host_traffic();
-        metrics::counter!("duo_target_host_bytes_total", "direction" => "to_device")
-            .increment(after.to_device_bytes - before.to_device_bytes);
-        metrics::counter!("duo_target_host_bytes_total", "direction" => "to_host")
-            .increment(after.to_host_bytes - before.to_host_bytes);
-        forward
-    };
-    forward.judge(&s.sampling, proposals, &mut s.rng, s.logprobs)
 }
 
 #[tonic::async_trait]
@@ -233,44 +253,13 @@ impl Target for TargetService {
                                 session = Some(s);
                                 Err(e)
                             }
-                            (Some(mut s), Ok(proposals)) => {
-                                let svc2 = svc.clone();
-                                let done = tokio::task::spawn_blocking(move || {
-                                    if let Some(core) = svc2.cpu_core {
-                                        duo_core::engine::pin_current_thread(core);
-                                    }
-                                    let res = svc2.loaded().and_then(|l| {
-                                        verify(l, &mut s, &v, &proposals).map_err(runtime_status)
-                                    });
-                                    (s, res)
-                                })
-                                .await;
-                                match done {
-                                    Ok((s, res)) => {
-                                        session = Some(s);
-                                        if let Ok(v) = &res {
-                                            metrics::counter!("duo_target_verifies_total")
-                                                .increment(1);
-                                            metrics::counter!("duo_target_fed_tokens_total")
-                                                .increment(v.fed as u64);
-                                            metrics::histogram!("duo_target_verify_seconds")
-                                                .record(v.secs);
-                                        }
-                                        res.map(|v| pb::TargetReply {
-                                            kind: Some(target_reply::Kind::Verdict(pb::Verdict {
-                                                accepted: v.verdict.accepted as u32,
-                                                next: v.verdict.next,
-                                                logprobs: v.logprobs,
-                                                fed: v.fed as u32,
-                                                secs: v.secs,
-                                            })),
-                                        })
-                                    }
-                                    Err(e) => Err(Status::internal(format!(
-                                        "verification task failed: {e}"
-                                    ))),
+                            (Some(s), Ok(proposals)) => match svc.round(s, v, proposals).await {
+                                Ok((s, res)) => {
+                                    session = Some(s);
+                                    res
                                 }
-                            }
+                                Err(e) => Err(e),
+                            },
                         }
                     }
                 };
@@ -298,8 +287,8 @@ const WARM_UP_PREFILL: usize = 128;
 /// Tokens of the warm-up verification block (a round's γ + 1 at most).
 const WARM_UP_BLOCK: usize = 17;
 
-/// Runs what a session runs (a prefill, a verification block, a rollback)
-/// once on a throw-away sequence, so the device's one-time costs (kernel
+/// Runs what a session runs (a prefill, a verification block, a rollback,
+/// a batched forward) once on a throw-away sequence, so the device's one-time costs (kernel
 /// selection, allocator growth, CUDA graph capture) are paid before health
 /// says SERVING, not by the first request. Returns its wall time.
 fn warm_up(worker: &LoadedWorker) -> Result<f64, String> {
@@ -317,7 +306,35 @@ fn warm_up(worker: &LoadedWorker) -> Result<f64, String> {
         .map_err(fail)?;
     lm.extend(&mut seq, &vec![0; block]).map_err(fail)?;
     seq.truncate(prefill).map_err(fail)?;
+    // A batch of two (the cache stacking and the per-session cuts).
+    let mut other = lm.sequence().map_err(fail)?;
+    let (one, many) = ([0], vec![0; block]);
+    lm.extend_batch(&mut [
+        BatchItem {
+            seq: &mut seq,
+            tokens: &one,
+            rows: 1,
+        },
+        BatchItem {
+            seq: &mut other,
+            tokens: &many,
+            rows: block,
+        },
+    ])
+    .map_err(fail)?;
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// Warns (naming the model) when the target's logits depend on how many
+/// tokens share a forward, as a dynamically quantized int8 export's do: a
+/// 4-token block against 4 single steps on a short dummy context
+/// ([`duo_core::engine::warn_if_batch_dependent`]; a few small forwards).
+/// The speculative modes are then not bit-lossless for this model.
+fn check_batch_dependence(worker: &LoadedWorker) -> Result<(), String> {
+    let mut lm = worker.lm();
+    duo_core::engine::warn_if_batch_dependent(&mut lm)
+        .map(|_| ())
+        .map_err(|e| format!("batch-dependence check failed: {e}"))
 }
 
 /// The `target-service` command: serves `args` until SIGTERM or Ctrl-C.
@@ -339,12 +356,20 @@ pub async fn serve(
     health_reporter
         .set_not_serving::<TargetServer<TargetService>>()
         .await;
+    let loaded = Arc::new(OnceLock::new());
+    let limits = batcher::BatchLimits {
+        max_sessions: usize::try_from(args.max_batch).unwrap_or(usize::MAX),
+        max_tokens: usize::try_from(args.max_batch_tokens).unwrap_or(usize::MAX),
+        max_wait: std::time::Duration::from_micros(args.batch_wait_us),
+    };
+    let batcher = batcher::Batcher::start(Arc::clone(&loaded), limits, args.cpu_core)
+        .map_err(|e| format!("starting the batching thread: {e}"))?;
     let svc = TargetService {
-        loaded: Arc::new(OnceLock::new()),
+        loaded,
         kv: Arc::new(OnceLock::new()),
         limiter: args.sessions.limiter("duo_target_sessions_open"),
         ttl: args.sessions.ttl(),
-        cpu_core: args.cpu_core,
+        batcher,
     };
     tracing::info!(listen = ?listener.local_addr().ok(), device = %args.device, "target-service listening (loading model)");
     let loader = {
@@ -360,8 +385,10 @@ pub async fn serve(
         let budget_mib = args.kv_budget_mib;
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             let devices = devices::describe(opts.device)?;
-            let worker = LoadedWorker::load("target", &model, &tok_path, &opts, devices, max)?;
+            let worker =
+                LoadedWorker::load("target", &model, tok_path.as_deref(), &opts, devices, max)?;
             let warm_secs = warm_up(&worker)?;
+            check_batch_dependence(&worker)?;
             let budget = match budget_mib {
                 Some(mib) => mib << 20,
                 None => kv_budget::measured_default(opts.device).ok_or_else(|| {

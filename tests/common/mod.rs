@@ -1,11 +1,23 @@
 //! A local deployment for end-to-end tests: target-service, draft-service(s)
 //! and orchestrator as real tonic servers on 127.0.0.1 ephemeral ports.
+//!
+//! Ports: a server is given port 0 and the address it bound is read back,
+//! never a port picked first and bound later. In process, [`listener`]
+//! binds and hands the bound listener to the service; a child process
+//! ([`spawn_process`]) is given `--listen 127.0.0.1:0` ([`any_port`]) and
+//! `--port-file`, and [`Process::addr`] is the address it wrote there.
+//! [`free_port`] is only for an address a test must fix before its server
+//! exists (an orchestrator configured for a worker started later, a worker
+//! restarted on the same address); the ports it hands out are never handed
+//! out again, nor bound by [`listener`], in this test binary.
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use duo_rpc::pb::generation_client::GenerationClient;
 use tokio::net::TcpListener;
@@ -84,10 +96,35 @@ pub async fn channel(addr: SocketAddr) -> Channel {
         .unwrap()
 }
 
+/// A listener on a loopback port the system picked (port 0), never one of
+/// the [`reserved`] ports; with its address.
 async fn listener() -> (TcpListener, SocketAddr) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = bind_unreserved();
+    l.set_nonblocking(true).unwrap();
+    let l = TcpListener::from_std(l).unwrap();
     let a = l.local_addr().unwrap();
     (l, a)
+}
+
+/// Ports a test may start (or restart) a server on by number: those
+/// [`free_port`] handed out and those child processes reported.
+fn reserved() -> std::sync::MutexGuard<'static, BTreeSet<u16>> {
+    static RESERVED: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    RESERVED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Binds 127.0.0.1:0 until the system picks a port that is not
+/// [`reserved`] (the ports it refused stay bound meanwhile, so each try
+/// gets another).
+fn bind_unreserved() -> std::net::TcpListener {
+    let mut refused = Vec::new();
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        if !reserved().contains(&l.local_addr().unwrap().port()) {
+            return l;
+        }
+        refused.push(l);
+    }
 }
 
 /// Parses a service's flags as its binary would (defaults included).
@@ -291,6 +328,7 @@ pub fn spec_bench(per_category: usize) -> Vec<String> {
 /// tests that kill and restart processes.
 pub struct Process {
     child: std::process::Child,
+    /// The address it listens on (the one it bound, when given port 0).
     pub addr: SocketAddr,
 }
 
@@ -316,35 +354,106 @@ impl Drop for Process {
     }
 }
 
-/// A free loopback port (bound, then released).
+/// 127.0.0.1, port 0: the server picks a free port (see [`spawn_process`]).
+pub fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A loopback address for a server that does not exist yet, for a test
+/// that must fix the address first (a worker the orchestrator is told of
+/// before it starts, or one restarted on the same address). Bound, then
+/// released: a server that can bind port 0 ([`any_port`]) should. The port
+/// is [`reserved`]: not handed out again, nor bound by [`listener`].
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    let l = bind_unreserved();
+    let addr = l.local_addr().unwrap();
+    reserved().insert(addr.port());
+    addr
 }
 
-/// Runs `duo <service> --listen addr <flags>`.
+/// Runs `duo <service> --listen addr <flags>` and waits until it listens;
+/// [`Process::addr`] is the address it bound, as it wrote it to its
+/// `--port-file`. With port 0 ([`any_port`]) the service picks a free port
+/// itself: no race for it. A service that exits before listening (its
+/// port taken, a bad flag) fails the test at once.
 pub fn spawn_process(service: &str, addr: SocketAddr, flags: &[String]) -> Process {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_duo"))
-        .arg(service)
-        .args(["--listen".to_string(), addr.to_string()])
-        .args(flags)
-        .env("RUST_LOG", "warn,ort=error")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    Process { child, addr }
+    static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    loop {
+        let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port_file = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("port-{}-{n}-{service}", std::process::id()));
+        let _ = std::fs::remove_file(&port_file);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_duo"))
+            .arg(service)
+            .args(["--listen".to_string(), addr.to_string()])
+            .arg("--port-file")
+            .arg(&port_file)
+            .args(flags)
+            .env("RUST_LOG", "warn,ort=error")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Killed if the wait below fails.
+        let mut p = Process { child, addr };
+        let bound = blocking(|| wait_for_port_file(&mut p.child, &port_file, service, addr));
+        let _ = std::fs::remove_file(&port_file);
+        let mut reserved = reserved();
+        if addr.port() == 0 && reserved.contains(&bound.port()) {
+            // The system gave it a port a test holds for a restart: again.
+            continue;
+        }
+        reserved.insert(bound.port());
+        p.addr = bound;
+        return p;
+    }
 }
 
-/// A draft worker process on `addr` with the bundled model.
+/// The address a child process wrote to `port_file`, waited for (up to
+/// 60 s; the service binds before it loads its model).
+fn wait_for_port_file(
+    child: &mut std::process::Child,
+    port_file: &Path,
+    service: &str,
+    listen: SocketAddr,
+) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(port_file) {
+            return text
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{service}: bad port file {text:?}: {e}"));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{service} exited ({status}) before listening on {listen}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} not listening on {listen} after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs blocking `f` from sync or async code (off the runtime's worker in
+/// a multi-threaded runtime, where other tasks must go on).
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// A draft worker process on `addr` (port 0: any) with the bundled model.
 pub fn draft_process(addr: SocketAddr) -> Process {
     let flags = draft_flags(addr, &models().join("tokenizer.json"));
     spawn_process("draft-service", addr, &flags[2..])
 }
 
-/// A target process on `addr` with the bundled model.
+/// A target process on `addr` (port 0: any) with the bundled model.
 pub fn target_process(addr: SocketAddr) -> Process {
     let m = models();
     let flags = [
@@ -508,4 +617,88 @@ pub fn encode(text: &str) -> Vec<u32> {
         .unwrap()
         .encode(text)
         .unwrap()
+}
+
+/// A "bring your own model" fixture folder: an Optimum export with its
+/// tokenizer files and transformers' reference.json
+/// (`models/fixtures/byom/NAME`, made by models/make_byom_fixtures.py).
+pub fn byom(name: &str) -> PathBuf {
+    models().join("fixtures/byom").join(name)
+}
+
+/// Starts a target-service on the model `target`, a draft-service on each
+/// of `drafts` — every worker with its model folder's own tokenizer (no
+/// `--tokenizer`) — and an orchestrator with `tokenizer` (a model folder
+/// or a tokenizer.json). Returns once the orchestrator answers `Info` and
+/// every draft worker was probed (healthy or incompatible).
+pub async fn start_models(target: &Path, drafts: &[PathBuf], tokenizer: &Path) -> Deployment {
+    let (stop, rx) = watch::channel(false);
+    let (tl, t) = listener().await;
+    let flags = [s("--listen"), s(t), s("--model"), s(target.display())];
+    tokio::spawn(target_service::serve(
+        parse("target-service", &flags),
+        tl,
+        duo_rpc::serve::stopped(&rx),
+    ));
+    let mut addrs = Vec::new();
+    for d in drafts {
+        let (dl, a) = listener().await;
+        let flags = [s("--listen"), s(a), s("--model"), s(d.display())];
+        tokio::spawn(draft_service::serve(
+            parse("draft-service", &flags),
+            dl,
+            duo_rpc::serve::stopped(&rx),
+        ));
+        addrs.push(a);
+    }
+    let (ol, orchestrator) = listener().await;
+    let (hl, http) = listener().await;
+    let mut o = vec![
+        s("--listen"),
+        s(orchestrator),
+        s("--target"),
+        format!("http://{t}"),
+        s("--tokenizer"),
+        s(tokenizer.display()),
+        s("--http-listen"),
+        s(http),
+        s("--health-interval-ms"),
+        s(100),
+    ];
+    for a in &addrs {
+        o.extend([s("--draft"), format!("http://{a}")]);
+    }
+    let seams = orchestrator::Seams::default();
+    let gate = seams.hold.clone();
+    tokio::spawn(orchestrator::serve_with(
+        parse("orchestrator", &o),
+        ol,
+        Some(hl),
+        duo_rpc::serve::stopped(&rx),
+        seams,
+    ));
+    let dep = Deployment {
+        orchestrator,
+        http,
+        target: t,
+        drafts: addrs,
+        stop,
+        stop_rx: rx,
+        gate,
+    };
+    let client = dep.client().await;
+    wait_until(60, "the orchestrator answers Info", || {
+        let mut c = client.clone();
+        async move { c.info(duo_rpc::pb::InfoRequest {}).await.is_ok() }
+    })
+    .await;
+    wait_until(60, "every draft worker probed", || async {
+        let pool = pool(&dep).await;
+        pool.len() == drafts.len()
+            && pool
+                .iter()
+                .all(|w| w.state == "healthy" || w.state == "incompatible")
+    })
+    .await;
+    dep
 }

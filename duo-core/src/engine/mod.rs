@@ -6,6 +6,7 @@
 //! provides local implementations of its two seams.
 
 pub mod drafter;
+mod rounds;
 pub mod session;
 pub mod verifier;
 
@@ -16,7 +17,7 @@ pub use drafter::{DraftJob, DraftTree, Drafter, proposal};
 pub use session::{
     DraftSide, GenerateParams, Generation, Limits, Mode, Recovery, Stats, TargetSide,
 };
-pub use verifier::{Forward, TargetVerdict, Verifier};
+pub use verifier::{Forward, TargetVerdict, Verifier, VerifyBlock, forward_batch};
 
 use crate::runtime::{CausalLm, Device, ModelOptions, RuntimeError};
 use crate::sampling::{Distribution, Rng, SamplingParams, draft_rng, rng_from_seed};
@@ -57,6 +58,9 @@ pub struct EngineConfig {
     pub pin_cores: bool,
     pub ort_lib: Option<PathBuf>,
     pub budget: BudgetConfig,
+    /// Load the draft (false: autoregressive generations only, and the
+    /// draft is neither loaded nor checked).
+    pub with_draft: bool,
 }
 
 impl EngineConfig {
@@ -72,6 +76,7 @@ impl EngineConfig {
             pin_cores: false,
             ort_lib: None,
             budget: BudgetConfig::default(),
+            with_draft: true,
         }
     }
 }
@@ -79,7 +84,8 @@ impl EngineConfig {
 /// Draft and target models plus the shared tokenizer, in one process.
 pub struct Engine {
     target: CausalLm,
-    draft: CausalLm,
+    /// `None` when loaded without one ([`EngineConfig::with_draft`]).
+    draft: Option<CausalLm>,
     tokenizer: Tokenizer,
     budget: BudgetController,
     limits: Limits,
@@ -87,9 +93,15 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Loads the tokenizer ([`Tokenizer::load`]: a `tokenizer.json` or a
+    /// model folder), the target and (unless [`EngineConfig::with_draft`]
+    /// is off) the draft, and checks that they fit together
+    /// ([`fit_to_tokenizer`], [`check_pair`]). A target whose logits
+    /// depend on the batch shape gets a warning
+    /// ([`warn_if_batch_dependent`]).
     pub fn load(cfg: &EngineConfig) -> Result<Self, EngineError> {
-        let tokenizer = Tokenizer::from_file(&cfg.tokenizer)?;
-        let target = CausalLm::load(
+        let tokenizer = Tokenizer::load(&cfg.tokenizer)?;
+        let mut target = CausalLm::load(
             &cfg.target,
             &ModelOptions {
                 device: cfg.target_device,
@@ -97,15 +109,26 @@ impl Engine {
                 ort_lib: cfg.ort_lib.clone(),
             },
         )?;
-        let draft = CausalLm::load(
-            &cfg.draft,
-            &ModelOptions {
-                device: Device::Cpu,
-                intra_threads: cfg.draft_threads,
-                ort_lib: cfg.ort_lib.clone(),
-            },
-        )?;
-        let limits = check_pair(&target, &draft, &tokenizer)?;
+        check_folder_tokenizer(&cfg.target, &tokenizer)?;
+        fit_to_tokenizer(&mut target, &tokenizer)?;
+        warn_if_batch_dependent(&mut target)?;
+        let draft = if cfg.with_draft {
+            let mut draft = CausalLm::load(
+                &cfg.draft,
+                &ModelOptions {
+                    device: Device::Cpu,
+                    intra_threads: cfg.draft_threads,
+                    ort_lib: cfg.ort_lib.clone(),
+                },
+            )?;
+            check_folder_tokenizer(&cfg.draft, &tokenizer)?;
+            fit_to_tokenizer(&mut draft, &tokenizer)?;
+            check_pair(&target, &draft, &tokenizer)?;
+            Some(draft)
+        } else {
+            None
+        };
+        let limits = target_limits(&target, &tokenizer);
         if cfg.pin_cores {
             cores(); // read the core list before any thread is pinned
         }
@@ -124,15 +147,16 @@ impl Engine {
     }
 
     pub fn limits(&self) -> Limits {
-        self.limits
+        self.limits.clone()
     }
 
     pub fn target(&self) -> &CausalLm {
         &self.target
     }
 
-    pub fn draft(&self) -> &CausalLm {
-        &self.draft
+    /// The draft, unless loaded without one.
+    pub fn draft(&self) -> Option<&CausalLm> {
+        self.draft.as_ref()
     }
 
     /// The target's top-1 minus top-2 logit after `context` (how close a
@@ -176,12 +200,17 @@ impl Engine {
                 sink,
             );
         }
-        let mut drafter = Drafter::new(&self.draft)?;
+        let Some(draft_lm) = self.draft.as_mut() else {
+            return Err(EngineError::Invalid(format!(
+                "mode {} needs a draft model, and this engine was loaded without one",
+                params.mode
+            )));
+        };
+        let mut drafter = Drafter::new(draft_lm)?;
         if !params.greedy_drafts {
             drafter = drafter.with_sampling(params.sampling, draft_rng(params.seed));
         }
-        let draft_context = self.draft.info().context_len;
-        let draft_lm = &mut self.draft;
+        let draft_context = draft_lm.info().context_len;
         let pin = self.pin_cores;
         let (tokenizer, limits, budget) = (&self.tokenizer, &self.limits, &mut self.budget);
         std::thread::scope(|s| {
@@ -218,32 +247,147 @@ impl Engine {
     }
 }
 
-/// Checks that draft and target can work together.
+/// Most LM-head rows a draft and its target may differ by: padding rows
+/// only, as llama.cpp and vLLM allow (Qwen2.5-7B has 152064 rows, 0.5B
+/// 151936, for one tokenizer of 151665 ids).
+pub const MAX_VOCAB_PADDING: usize = 128;
+
+/// Fits a loaded model to the tokenizer it is served with. Refuses a
+/// tokenizer that cannot be the model's — more ids than the LM head has
+/// rows, or without one of the model's end-of-text ids — and restricts a
+/// head padded beyond the tokenizer's ids to them
+/// ([`CausalLm::restrict_vocab`]: the extra rows are never fed nor
+/// sampled). A model whose head matches its tokenizer is unchanged.
+pub fn fit_to_tokenizer(lm: &mut CausalLm, tokenizer: &Tokenizer) -> Result<(), EngineError> {
+    let info = lm.info();
+    let (ids, rows) = (tokenizer.id_limit(), info.padded_vocab_size);
+    let path = info.path.display().to_string();
+    if ids > rows {
+        return Err(EngineError::Invalid(format!(
+            "the tokenizer has {ids} token ids but the model {path} has only {rows} vocabulary \
+             rows: it is not this model's tokenizer (use the tokenizer.json exported with the \
+             model: leave --tokenizer out to take the one in the model's folder)"
+        )));
+    }
+    if let Some(&eos) = info.eos_token_ids.iter().find(|&&e| e as usize >= ids) {
+        return Err(EngineError::Invalid(format!(
+            "the model {path} ends text with token id {eos}, which its tokenizer ({ids} ids) \
+             does not have: it is not this model's tokenizer (use the tokenizer.json exported \
+             with the model: leave --tokenizer out to take the one in the model's folder)"
+        )));
+    }
+    if ids < rows {
+        tracing::info!(
+            model = %path,
+            rows,
+            tokenizer_ids = ids,
+            "the LM head is padded beyond the tokenizer: its last rows are never sampled"
+        );
+        lm.restrict_vocab(ids)?;
+    }
+    Ok(())
+}
+
+/// Refuses a tokenizer that differs from the one in the model's own folder
+/// (a `tokenizer.json` beside the model's `.onnx` file), when there is one:
+/// the model was trained with that one.
+pub fn check_folder_tokenizer(model: &Path, tokenizer: &Tokenizer) -> Result<(), EngineError> {
+    let dir = if model.is_dir() {
+        model
+    } else {
+        model.parent().unwrap_or(model)
+    };
+    let own = dir.join("tokenizer.json");
+    if !own.is_file() {
+        return Ok(());
+    }
+    let own_fp = Tokenizer::from_file(&own)?.fingerprint();
+    if own_fp != tokenizer.fingerprint() {
+        return Err(EngineError::Invalid(format!(
+            "{} holds its own tokenizer.json (fingerprint {own_fp}), which differs from the \
+             tokenizer in use (fingerprint {}): draft and target must share one tokenizer, the \
+             models' own (leave --tokenizer out to use the model folder's)",
+            dir.display(),
+            tokenizer.fingerprint()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that draft and target can work together, as llama.cpp and vLLM
+/// check a speculative pair: one tokenizer (both fitted to it with
+/// [`fit_to_tokenizer`]), and LM heads that differ by padding rows only
+/// (at most [`MAX_VOCAB_PADDING`]). Returns the generation limits
+/// ([`target_limits`]).
 pub fn check_pair(
     target: &CausalLm,
     draft: &CausalLm,
     tokenizer: &Tokenizer,
 ) -> Result<Limits, EngineError> {
     let (t, d) = (target.info(), draft.info());
-    if t.vocab_size != d.vocab_size {
+    let (tr, dr) = (t.padded_vocab_size, d.padded_vocab_size);
+    if tr.abs_diff(dr) > MAX_VOCAB_PADDING || t.vocab_size != d.vocab_size {
         return Err(EngineError::Invalid(format!(
-            "draft vocabulary ({}) differs from the target's ({}): the pair must share one tokenizer",
-            d.vocab_size, t.vocab_size
+            "draft vocabulary ({dr} rows) differs from the target's ({tr}) by more than padding \
+             (at most {MAX_VOCAB_PADDING} extra rows): the pair must share one tokenizer"
         )));
     }
-    if tokenizer.vocab_size() > t.vocab_size {
+    if tokenizer.id_limit() > t.vocab_size {
         return Err(EngineError::Invalid(format!(
             "tokenizer has {} tokens but the models only {}",
-            tokenizer.vocab_size(),
+            tokenizer.id_limit(),
             t.vocab_size
         )));
     }
-    let context_len = t.context_len.unwrap_or(session::DEFAULT_CONTEXT_LEN);
-    Ok(Limits {
-        context_len,
+    Ok(target_limits(target, tokenizer))
+}
+
+/// The generation limits of `target` served with `tokenizer`: its context
+/// (or [`session::DEFAULT_CONTEXT_LEN`]), the ids in use, and every
+/// end-of-text id of the model (else the tokenizer's end-of-text token).
+pub fn target_limits(target: &CausalLm, tokenizer: &Tokenizer) -> Limits {
+    let t = target.info();
+    let eos = if t.eos_token_ids.is_empty() {
+        tokenizer.eos_id().into_iter().collect()
+    } else {
+        t.eos_token_ids.clone()
+    };
+    Limits {
+        context_len: t.context_len.unwrap_or(session::DEFAULT_CONTEXT_LEN),
         vocab_size: t.vocab_size,
-        eos: t.eos_token_id.or(tokenizer.eos_id()),
-    })
+        eos,
+    }
+}
+
+/// Runs [`CausalLm::batch_dependence`] and logs a warning when the model's
+/// logits depend on how many tokens share a forward (a dynamically
+/// quantized int8 export): the speculative modes then are not bit-lossless
+/// for it. Returns what was measured.
+pub fn warn_if_batch_dependent(
+    lm: &mut CausalLm,
+) -> Result<crate::runtime::model::BatchDependence, RuntimeError> {
+    let start = std::time::Instant::now();
+    let dep = lm.batch_dependence()?;
+    tracing::debug!(
+        model = %lm.info().path.display(),
+        max_logit_difference = dep.max_abs_diff,
+        tolerance = dep.tolerance,
+        ms = start.elapsed().as_secs_f64() * 1e3,
+        "batch-dependence check"
+    );
+    if dep.dependent() {
+        tracing::warn!(
+            model = %lm.info().path.display(),
+            max_logit_difference = dep.max_abs_diff,
+            tolerance = dep.tolerance,
+            "this model's logits depend on the batch shape (a 4-token forward differs from 4 \
+             single steps beyond rounding, as dynamically quantized int8 exports do): the \
+             speculative modes are not bit-lossless for it (their output may differ from \
+             autoregressive decoding at near-ties); use an fp32 or fp16 export for lossless \
+             speculative decoding"
+        );
+    }
+    Ok(dep)
 }
 
 /// The machine's cores, read once: after a thread is pinned, the affinity

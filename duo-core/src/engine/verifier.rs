@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use crate::runtime::{CausalLm, Logits, RuntimeError, Sequence};
+use crate::runtime::{BatchItem, CausalLm, Logits, RuntimeError, Sequence};
 use crate::sampling::{Distribution, Rng, SamplingParams, log_softmax_at};
 use crate::spec::verify::{ChainVerdict, verify_deterministic, verify_sampled};
 
@@ -122,7 +122,21 @@ impl Verifier {
         feed: &[u32],
         tail: &[u32],
     ) -> Result<Forward, RuntimeError> {
-        let start = Instant::now();
+        let block = VerifyBlock {
+            verifier: self,
+            keep,
+            feed,
+            tail,
+            since: Instant::now(),
+        };
+        forward_batch(lm, &mut [block])
+            .pop()
+            .unwrap_or_else(|| Err(RuntimeError::Invalid("no forward ran".into())))
+    }
+
+    /// Checks a block against this verifier's cache and rolls the cache back
+    /// to `keep` tokens.
+    fn prepare(&mut self, keep: usize, feed: &[u32], tail: &[u32]) -> Result<(), RuntimeError> {
         if keep > self.seq.len() {
             return Err(RuntimeError::Invalid(format!(
                 "verifier asked to keep {keep} tokens but holds {}",
@@ -135,23 +149,7 @@ impl Verifier {
                     .into(),
             ));
         }
-        self.seq.truncate(keep)?;
-        // Only the rows judged: the last verified token's and the tail's.
-        let wanted = tail.len() + 1;
-        let logits = lm.extend_last(&mut self.seq, feed, wanted)?;
-        let Some(first) = logits.rows().checked_sub(wanted) else {
-            return Err(RuntimeError::Invalid(format!(
-                "the target returned {} logits rows, {wanted} needed",
-                logits.rows(),
-            )));
-        };
-        Ok(Forward {
-            logits,
-            first,
-            tail: tail.to_vec(),
-            fed: feed.len(),
-            start,
-        })
+        self.seq.truncate(keep)
     }
 
     /// [`Self::forward`] then [`Forward::judge`]: rolls back, feeds `feed`
@@ -173,6 +171,94 @@ impl Verifier {
         self.forward(lm, keep, feed, tail)?
             .judge(sampling, proposals, rng, want_logprobs)
     }
+}
+
+/// One verifier's round in a batched forward ([`forward_batch`]): roll back
+/// to `keep` tokens, then feed `feed`, whose last `tail.len()` tokens are the
+/// unverified tail.
+pub struct VerifyBlock<'a> {
+    pub verifier: &'a mut Verifier,
+    pub keep: usize,
+    pub feed: &'a [u32],
+    pub tail: &'a [u32],
+    /// When the round was asked for: the verdict's `secs` counts from here,
+    /// so time spent queued for a shared model is part of the round cost
+    /// the draft budget learns.
+    pub since: Instant,
+}
+
+/// Runs the rounds of several verifiers (of different sessions, context
+/// lengths and block sizes) as one batched forward of `lm`
+/// ([`CausalLm::extend_batch`]) and returns each one's [`Forward`], in
+/// order. Each block is checked and rolled back on its own: a malformed
+/// block gets its error and the others still run. When the batched forward
+/// itself fails, the blocks are run one at a time, so a failure stays with
+/// the block that causes it.
+pub fn forward_batch(
+    lm: &mut CausalLm,
+    blocks: &mut [VerifyBlock<'_>],
+) -> Vec<Result<Forward, RuntimeError>> {
+    let mut results: Vec<Option<Result<Forward, RuntimeError>>> = blocks
+        .iter_mut()
+        .map(|b| b.verifier.prepare(b.keep, b.feed, b.tail).err().map(Err))
+        .collect();
+    let ready: Vec<usize> = (0..blocks.len())
+        .filter(|&i| results[i].is_none())
+        .collect();
+    // Only the rows judged: the last verified token's and the tail's.
+    let wanted = |b: &VerifyBlock<'_>| b.tail.len() + 1;
+    let run = |lm: &mut CausalLm, chosen: &mut [&mut VerifyBlock<'_>]| {
+        let mut items: Vec<BatchItem<'_>> = chosen
+            .iter_mut()
+            .map(|b| BatchItem {
+                rows: wanted(b),
+                seq: &mut b.verifier.seq,
+                tokens: b.feed,
+            })
+            .collect();
+        lm.extend_batch(&mut items)
+    };
+    let mut chosen: Vec<&mut VerifyBlock<'_>> = blocks
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| ready.contains(i))
+        .map(|(_, b)| b)
+        .collect();
+    let logits: Vec<Result<Logits, RuntimeError>> = match run(lm, &mut chosen) {
+        Ok(all) => all.into_iter().map(Ok).collect(),
+        Err(e) if chosen.len() <= 1 => vec![Err(e)],
+        Err(_) => chosen
+            .iter_mut()
+            .map(|b| {
+                run(lm, std::slice::from_mut(b)).and_then(|mut one| {
+                    one.pop()
+                        .ok_or_else(|| RuntimeError::Invalid("no logits".into()))
+                })
+            })
+            .collect(),
+    };
+    for ((b, i), logits) in chosen.iter().zip(&ready).zip(logits) {
+        results[*i] = Some(logits.and_then(|logits| {
+            let wanted = wanted(b);
+            let Some(first) = logits.rows().checked_sub(wanted) else {
+                return Err(RuntimeError::Invalid(format!(
+                    "the target returned {} logits rows, {wanted} needed",
+                    logits.rows(),
+                )));
+            };
+            Ok(Forward {
+                logits,
+                first,
+                tail: b.tail.to_vec(),
+                fed: b.feed.len(),
+                start: b.since,
+            })
+        }));
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(RuntimeError::Invalid("block not run".into()))))
+        .collect()
 }
 
 #[cfg(test)]

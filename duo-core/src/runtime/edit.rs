@@ -25,6 +25,9 @@
 //! allocations (a new [`IoBinding`] per run), so an edit never writes into
 //! a cache that another sequence still holds.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::ops::Range;
 use std::sync::Mutex;
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
@@ -93,6 +96,9 @@ pub(crate) fn run_bound(
         .collect()
 }
 
+/// Turns graph bytes into a session on the model's execution provider.
+type GraphLoader = Box<dyn Fn(&[u8]) -> Result<Session, RuntimeError> + Send + Sync>;
+
 /// The edit graphs of one model, built for its cache's tensor count and
 /// element types and loaded on its execution provider.
 pub(crate) struct Editor {
@@ -100,8 +106,15 @@ pub(crate) struct Editor {
     slice_kv: Mutex<Session>,
     /// `y_i = Tile(x_i, repeats)` for every cache tensor.
     tile_kv: Mutex<Session>,
-    /// `rows = Slice(logits, starts, ends, axes = [1])`.
+    /// `rows = Slice(logits, starts, ends, axes = [0, 1])`.
     logit_rows: Mutex<Session>,
+    /// Per batch size b (built on first use): for every cache tensor i,
+    /// `y_i = Concat(Pad(x_i_0, pads_0), …, Pad(x_i_{b-1}, pads_{b-1}), axis 0)`
+    /// — the caches of b sequences, each left-padded to a common length,
+    /// stacked into one batch.
+    stack_kv: Mutex<HashMap<usize, Session>>,
+    load: GraphLoader,
+    kv_type: i32,
     placement: Placement,
     inputs: Vec<String>,
     outputs: Vec<String>,
@@ -118,13 +131,14 @@ impl std::fmt::Debug for Editor {
 impl Editor {
     /// Builds the graphs for `tensors` cache tensors of ONNX element type
     /// `kv_type` and logits of `logits_type`; `load` turns graph bytes into
-    /// a session on the model's execution provider.
+    /// a session on the model's execution provider (kept for the graphs
+    /// built on first use).
     pub(crate) fn new(
         tensors: usize,
         kv_type: i32,
         logits_type: i32,
         placement: Placement,
-        mut load: impl FnMut(&[u8]) -> Result<Session, RuntimeError>,
+        load: impl Fn(&[u8]) -> Result<Session, RuntimeError> + Send + Sync + 'static,
     ) -> Result<Self, RuntimeError> {
         let inputs: Vec<String> = (0..tensors).map(|i| format!("x{i}")).collect();
         let outputs: Vec<String> = (0..tensors).map(|i| format!("y{i}")).collect();
@@ -167,11 +181,11 @@ impl Editor {
                 "rows",
                 &[],
             )],
-            initializer: vec![onnx_graph::ints("axes", &[1])],
+            initializer: vec![onnx_graph::ints("axes", &[0, 1])],
             input: vec![
                 onnx_graph::tensor_value("logits", logits_type, &[None; 3]),
-                onnx_graph::tensor_value("starts", int64, &[Some(1)]),
-                onnx_graph::tensor_value("ends", int64, &[Some(1)]),
+                onnx_graph::tensor_value("starts", int64, &[Some(2)]),
+                onnx_graph::tensor_value("ends", int64, &[Some(2)]),
             ],
             output: vec![onnx_graph::tensor_value("rows", logits_type, &[None; 3])],
             ..Default::default()
@@ -180,6 +194,9 @@ impl Editor {
             slice_kv: Mutex::new(load(&onnx_graph::model_bytes(slice, EDIT_OPSET))?),
             tile_kv: Mutex::new(load(&onnx_graph::model_bytes(tile, EDIT_OPSET))?),
             logit_rows: Mutex::new(load(&onnx_graph::model_bytes(rows, EDIT_OPSET))?),
+            stack_kv: Mutex::new(HashMap::new()),
+            load: Box::new(load),
+            kv_type,
             placement,
             inputs,
             outputs,
@@ -190,34 +207,84 @@ impl Editor {
         &self.placement
     }
 
-    /// Every tensor sliced to batch rows `rows` and positions `..len`.
+    /// Every tensor sliced to batch rows `rows` and positions `positions`.
     pub(crate) fn slice(
         &self,
         kv: &[DynValue],
-        rows: std::ops::Range<usize>,
-        len: usize,
+        rows: Range<usize>,
+        positions: Range<usize>,
     ) -> Result<Vec<DynValue>, RuntimeError> {
-        let starts = index_tensor(&[rows.start, 0])?;
-        let ends = index_tensor(&[rows.end, len])?;
-        self.per_tensor(&self.slice_kv, kv, &[("starts", &starts), ("ends", &ends)])
+        let starts = index_tensor(&[rows.start, positions.start])?;
+        let ends = index_tensor(&[rows.end, positions.end])?;
+        let mut session = lock(&self.slice_kv);
+        self.per_tensor(&mut session, kv, &[("starts", &starts), ("ends", &ends)])
+    }
+
+    /// The caches of several batch-1 sequences (`caches[b]`: every tensor of
+    /// sequence b, `lens[b]` positions) as one batch, each left-padded with
+    /// zeros to the longest length: tensor i of the result is
+    /// `[caches.len(), kv_heads, max(lens), head_dim]`, row b holding
+    /// `max(lens) - lens[b]` padding positions, then sequence b's cache.
+    pub(crate) fn stack(
+        &self,
+        caches: &[&[DynValue]],
+        lens: &[usize],
+    ) -> Result<Vec<DynValue>, RuntimeError> {
+        let batch = caches.len();
+        if batch != lens.len() || caches.iter().any(|c| c.len() != self.inputs.len()) {
+            return Err(RuntimeError::Invalid(format!(
+                "stacking {batch} caches with {} lengths for an editor of {} tensors",
+                lens.len(),
+                self.inputs.len()
+            )));
+        }
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let pads = lens
+            .iter()
+            .map(|&len| index_tensor(&[0, 0, longest - len, 0, 0, 0, 0, 0]))
+            .collect::<Result<Vec<_>, _>>()?;
+        let names = stack_input_names(self.inputs.len(), batch);
+        let mut inputs: Vec<(&str, &DynValue)> = Vec::with_capacity(names.len() + batch);
+        for (name, value) in names.iter().zip(caches.iter().flat_map(|c| c.iter())) {
+            inputs.push((name.as_str(), value));
+        }
+        let pad_names: Vec<String> = (0..batch).map(|b| format!("pads{b}")).collect();
+        for (name, pad) in pad_names.iter().zip(&pads) {
+            inputs.push((name.as_str(), pad));
+        }
+        let mut graphs = self.stack_kv.lock().unwrap_or_else(|p| p.into_inner());
+        let session = match graphs.entry(batch) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let graph = stack_graph(self.inputs.len(), batch, self.kv_type);
+                e.insert((self.load)(&onnx_graph::model_bytes(graph, EDIT_OPSET))?)
+            }
+        };
+        let outputs: Vec<(&str, &MemoryInfo<'_>)> = self
+            .outputs
+            .iter()
+            .map(|o| (o.as_str(), &self.placement.device))
+            .collect();
+        run_bound(session, &inputs, &outputs)
     }
 
     /// Every tensor (batch 1) repeated into `k` batch rows.
     pub(crate) fn tile(&self, kv: &[DynValue], k: usize) -> Result<Vec<DynValue>, RuntimeError> {
         let repeats = index_tensor(&[k, 1, 1, 1])?;
-        self.per_tensor(&self.tile_kv, kv, &[("repeats", &repeats)])
+        let mut session = lock(&self.tile_kv);
+        self.per_tensor(&mut session, kv, &[("repeats", &repeats)])
     }
 
-    /// Positions `from..to` of every batch row of `logits`, delivered to
+    /// Positions `positions` of batch rows `rows` of `logits`, delivered to
     /// host memory.
     pub(crate) fn logit_rows(
         &self,
         logits: &DynValue,
-        from: usize,
-        to: usize,
+        rows: Range<usize>,
+        positions: Range<usize>,
     ) -> Result<DynValue, RuntimeError> {
-        let starts = index_tensor(&[from])?;
-        let ends = index_tensor(&[to])?;
+        let starts = index_tensor(&[rows.start, positions.start])?;
+        let ends = index_tensor(&[rows.end, positions.end])?;
         let mut session = lock(&self.logit_rows);
         let mut out = run_bound(
             &mut session,
@@ -230,7 +297,7 @@ impl Editor {
 
     fn per_tensor(
         &self,
-        session: &Mutex<Session>,
+        session: &mut Session,
         kv: &[DynValue],
         args: &[(&str, &DynValue)],
     ) -> Result<Vec<DynValue>, RuntimeError> {
@@ -253,8 +320,58 @@ impl Editor {
             .iter()
             .map(|o| (o.as_str(), &self.placement.device))
             .collect();
-        run_bound(&mut lock(session), &inputs, &outputs)
+        run_bound(session, &inputs, &outputs)
     }
+}
+
+/// Input names of the stacking graph for `batch` sequences: sequence b's
+/// tensor i is `x{i}_{b}`, ordered by sequence, then tensor.
+fn stack_input_names(tensors: usize, batch: usize) -> Vec<String> {
+    (0..batch)
+        .flat_map(|b| (0..tensors).map(move |i| format!("x{i}_{b}")))
+        .collect()
+}
+
+/// The stacking graph (see [`Editor::stack`]) for `tensors` cache tensors of
+/// element type `kv_type` and `batch` sequences.
+fn stack_graph(tensors: usize, batch: usize, kv_type: i32) -> onnx::GraphProto {
+    let int64 = onnx::tensor_proto::DataType::Int64 as i32;
+    let mut graph = onnx::GraphProto {
+        name: Some(format!("duo_edit_stack{batch}")),
+        ..Default::default()
+    };
+    for name in stack_input_names(tensors, batch) {
+        graph
+            .input
+            .push(onnx_graph::tensor_value(&name, kv_type, &[None; 4]));
+    }
+    for b in 0..batch {
+        graph.input.push(onnx_graph::tensor_value(
+            &format!("pads{b}"),
+            int64,
+            &[Some(8)],
+        ));
+    }
+    for i in 0..tensors {
+        let padded: Vec<String> = (0..batch).map(|b| format!("p{i}_{b}")).collect();
+        for (b, out) in padded.iter().enumerate() {
+            graph.node.push(onnx_graph::node(
+                "Pad",
+                &[&format!("x{i}_{b}"), &format!("pads{b}")],
+                out,
+                &[],
+            ));
+        }
+        let args: Vec<&str> = padded.iter().map(String::as_str).collect();
+        let y = format!("y{i}");
+        graph
+            .node
+            .push(onnx_graph::node("Concat", &args, &y, &[("axis", 0)]));
+        graph
+            .output
+            .push(onnx_graph::tensor_value(&y, kv_type, &[None; 4]));
+    }
+    graph
 }
 
 /// A poisoned lock is recovered: an edit session holds no state between runs.

@@ -65,7 +65,7 @@ impl KvCache {
         if n >= self.len {
             return Ok(());
         }
-        self.values = self.editor.slice(&self.values, 0..self.batch, n)?;
+        self.values = self.editor.slice(&self.values, 0..self.batch, 0..n)?;
         self.len = n;
         Ok(())
     }
@@ -90,7 +90,7 @@ impl KvCache {
         }
         let n = n.min(self.len);
         Ok(Self {
-            values: self.editor.slice(&self.values, row..row + 1, n)?,
+            values: self.editor.slice(&self.values, row..row + 1, 0..n)?,
             batch: 1,
             len: n,
             editor: Arc::clone(&self.editor),

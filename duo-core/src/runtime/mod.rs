@@ -16,7 +16,7 @@ pub mod kv;
 pub mod model;
 
 pub use kv::{Branches, Sequence};
-pub use model::{CausalLm, Device, HostTraffic, Logits, ModelInfo, ModelOptions};
+pub use model::{BatchItem, CausalLm, Device, HostTraffic, Logits, ModelInfo, ModelOptions};
 
 /// Errors of the model runtime. Messages say what is missing and how to fix it.
 #[derive(Debug, thiserror::Error)]

@@ -88,12 +88,28 @@ pub struct ModelInfo {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub kv_dtype: KvDType,
+    /// Ids below it are fed and sampled: the LM head's rows
+    /// ([`Self::padded_vocab_size`]), or the tokenizer's ids after
+    /// [`CausalLm::restrict_vocab`] cut a padded head's extra rows off (every
+    /// logits row then ends here).
     pub vocab_size: usize,
+    /// Rows of the LM head as the graph has them (the logits' last
+    /// dimension); more than [`Self::vocab_size`] for a padded head.
+    pub padded_vocab_size: usize,
     pub has_position_ids: bool,
-    /// Maximum context (prompt + generated tokens) from `config.json`, if declared.
+    /// Maximum context (prompt + generated tokens), if declared: from
+    /// `config.json` under the architecture's name for it
+    /// (`max_position_embeddings`, GPT-2's `n_positions`, `n_ctx`,
+    /// `seq_length`, ...), else `genai_config.json`'s `model.context_length`.
     pub context_len: Option<usize>,
-    /// End-of-text token from `config.json`, if declared.
+    /// The first of [`Self::eos_token_ids`], if any (kept for callers that
+    /// stop on one id).
     pub eos_token_id: Option<u32>,
+    /// Every end-of-text id, in order and without repeats: all of
+    /// `generation_config.json`'s `eos_token_id` (a number or a list), then
+    /// those of `config.json`, then `genai_config.json`'s `model.eos_token_id`.
+    /// Generation stops at any of them (as transformers' `generate` does).
+    pub eos_token_ids: Vec<u32>,
     /// The execution provider the session was built with ("CPU" or "CUDA").
     pub provider: &'static str,
     pub intra_threads: usize,
@@ -124,6 +140,40 @@ impl Logits {
     pub fn last(&self) -> &[f32] {
         self.row(self.rows() - 1)
     }
+}
+
+/// Largest logit difference between a block forward and single steps that
+/// counts as float rounding, for an fp32 model ([`CausalLm::batch_dependence`]).
+pub const BATCH_TOLERANCE_F32: f32 = 1e-3;
+/// The same for an fp16 model (its rounding is coarser).
+pub const BATCH_TOLERANCE_F16: f32 = 0.05;
+
+/// What [`CausalLm::batch_dependence`] measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchDependence {
+    /// Largest absolute logit difference between the block forward and the
+    /// single steps.
+    pub max_abs_diff: f32,
+    /// The most that counts as rounding for the model's dtype.
+    pub tolerance: f32,
+}
+
+impl BatchDependence {
+    /// The logits depend on the batch shape beyond rounding: speculative
+    /// modes are not bit-lossless for this model.
+    pub fn dependent(&self) -> bool {
+        self.max_abs_diff > self.tolerance
+    }
+}
+
+/// One sequence's part of a batched forward ([`CausalLm::extend_batch`]).
+pub struct BatchItem<'a> {
+    pub seq: &'a mut Sequence,
+    /// Tokens fed after the sequence's context (at least one).
+    pub tokens: &'a [u32],
+    /// Logits rows wanted: those of the last `rows` fed tokens (clamped to
+    /// `1..=tokens.len()`).
+    pub rows: usize,
 }
 
 /// A loaded decoder-only model. One session; `&mut self` to run (ONNX
@@ -160,33 +210,34 @@ impl std::fmt::Debug for CausalLm {
     }
 }
 
-/// The `config.json` fields the runtime reads.
-#[derive(Debug, Default, serde::Deserialize)]
+/// What the files beside a model declare about it (Hugging Face
+/// `config.json` and `generation_config.json`, onnx-runtime-genai's
+/// `genai_config.json`), resolved across the names architectures use.
+/// Every field is `None`/empty when no file declares it; the graph's own
+/// dimensions take precedence over these where it fixes them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct HfConfig {
-    max_position_embeddings: Option<usize>,
+    /// Maximum context length.
+    context_len: Option<usize>,
+    /// Rows of the LM head (the tokenizer-independent vocabulary size).
     vocab_size: Option<usize>,
-    eos_token_id: Option<serde_json::Value>,
-    num_key_value_heads: Option<usize>,
-    num_attention_heads: Option<usize>,
-    hidden_size: Option<usize>,
+    /// End-of-text ids: generation_config's, then config's, then genai's.
+    eos_token_ids: Vec<u32>,
+    /// KV heads per layer.
+    kv_heads: Option<usize>,
+    /// Dimension of one attention head.
     head_dim: Option<usize>,
+    /// Decoder layers.
+    num_layers: Option<usize>,
 }
 
 impl CausalLm {
-    /// Loads `path`: an `.onnx` file, or a folder holding `model.onnx`
-    /// (and usually `config.json`).
+    /// Loads `path`: an `.onnx` file, or a folder holding one (a Hugging
+    /// Face Optimum export: `model.onnx` [+ `model.onnx_data`], usually
+    /// `config.json` and `generation_config.json`; see
+    /// [`resolve_model_file`] for which file a folder gives).
     pub fn load(path: &Path, opts: &ModelOptions) -> Result<Self, RuntimeError> {
-        let file = if path.is_dir() {
-            path.join("model.onnx")
-        } else {
-            path.to_path_buf()
-        };
-        if !file.is_file() {
-            return Err(RuntimeError::ModelMissing(format!(
-                "{} does not exist (the bundled pair lives in models/; remake it with `python models/make.py`)",
-                file.display()
-            )));
-        }
+        let file = resolve_model_file(path)?;
         let config = read_config(&file);
         let env = super::env::init(opts.ort_lib.as_deref())?;
         let threads = opts.intra_threads.max(1);
@@ -218,10 +269,13 @@ impl CausalLm {
             kv_type as i32,
             logits_type as i32,
             Placement::new(opts.device)?,
-            |graph| {
-                builder(&env, opts.device, 1)?
-                    .commit_from_memory(graph)
-                    .map_err(|e| RuntimeError::Ort(format!("loading a cache-edit graph: {e}")))
+            {
+                let (env, device) = (env.clone(), opts.device);
+                move |graph: &[u8]| {
+                    builder(&env, device, 1)?
+                        .commit_from_memory(graph)
+                        .map_err(|e| RuntimeError::Ort(format!("loading a cache-edit graph: {e}")))
+                }
             },
         )?;
         tracing::info!(
@@ -251,6 +305,64 @@ impl CausalLm {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Uses only the first `vocab` ids of the LM head: ids from `vocab` on
+    /// are refused as input and every logits row is cut to `vocab` values,
+    /// so they are never sampled. For a head padded beyond its tokenizer
+    /// (rows no token maps to, e.g. Qwen2.5-7B's 152064 rows for 151665
+    /// tokens): pass the tokenizer's id count. `vocab` above the head's
+    /// rows ([`ModelInfo::padded_vocab_size`]) or 0 is an error.
+    pub fn restrict_vocab(&mut self, vocab: usize) -> Result<(), RuntimeError> {
+        if vocab == 0 || vocab > self.info.padded_vocab_size {
+            return Err(RuntimeError::Invalid(format!(
+                "cannot use {vocab} ids of a vocabulary of {} (the LM head's rows)",
+                self.info.padded_vocab_size
+            )));
+        }
+        self.info.vocab_size = vocab;
+        Ok(())
+    }
+
+    /// Whether this model's logits depend on how many tokens share a
+    /// forward: a 4-token block fed after a short dummy context, against the
+    /// same 4 tokens fed one at a time. An fp32 model differs by float
+    /// rounding (~1e-6); a dynamically quantized (int8) export, whose
+    /// activation scales are computed per forward, by up to ~0.1 — then a
+    /// verification block (speculative modes) and autoregressive steps can
+    /// pick different tokens at near-ties, and the speculative modes are not
+    /// bit-lossless for it. A few small forwards.
+    pub fn batch_dependence(&mut self) -> Result<BatchDependence, RuntimeError> {
+        const CONTEXT: usize = 8;
+        const BLOCK: usize = 4;
+        let vocab = self.info.vocab_size as u32;
+        let ids: Vec<u32> = (0..(CONTEXT + BLOCK) as u32)
+            .map(|i| (i * 7 + 3) % vocab.max(1))
+            .collect();
+        let (context, block) = ids.split_at(CONTEXT);
+        let mut seq = self.sequence()?;
+        self.extend_last(&mut seq, context, 1)?;
+        let together = self.extend(&mut seq, block)?;
+        seq.truncate(CONTEXT)?;
+        let mut max_abs_diff = 0f32;
+        for (i, &t) in block.iter().enumerate() {
+            let one = self.extend(&mut seq, &[t])?;
+            for (a, b) in together.row(i).iter().zip(one.last()) {
+                let d = (a - b).abs();
+                // A NaN difference counts as dependence.
+                if d.is_nan() || d > max_abs_diff {
+                    max_abs_diff = if d.is_nan() { f32::INFINITY } else { d };
+                }
+            }
+        }
+        let tolerance = match self.info.kv_dtype {
+            KvDType::F32 => BATCH_TOLERANCE_F32,
+            KvDType::F16 => BATCH_TOLERANCE_F16,
+        };
+        Ok(BatchDependence {
+            max_abs_diff,
+            tolerance,
+        })
     }
 
     /// An empty sequence (no context yet).
@@ -291,6 +403,136 @@ impl CausalLm {
         Ok(logits)
     }
 
+    /// Feeds every item's tokens after its own sequence's context in one
+    /// forward and returns each item's logits as [`Self::extend_last`]
+    /// would (the last `rows` fed tokens' rows), leaving each sequence as
+    /// `extend_last` would.
+    ///
+    /// The items may differ in context length and in tokens fed: the caches
+    /// are stacked on the device, each left-padded to the longest context
+    /// ([`Editor::stack`]), and the fed tokens right-padded to the longest
+    /// feed; `attention_mask` hides every padding position and
+    /// `position_ids` place each item's tokens after its own context, so an
+    /// item's logits are those of its solo forward up to float rounding (a
+    /// longer key axis and a taller matrix change the summation order; the
+    /// masked keys get exactly zero weight). After the forward, each item's
+    /// cache and logits rows are cut out of the batch on the device.
+    ///
+    /// One item runs exactly as `extend_last`. A model without a
+    /// `position_ids` input (whose positions could not be told apart from
+    /// padding) runs the items one after the other. Every item is checked
+    /// before any forward runs; on an error of the forward no sequence has
+    /// changed.
+    pub fn extend_batch(
+        &mut self,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Logits>, RuntimeError> {
+        for (i, item) in items.iter().enumerate() {
+            if item.tokens.is_empty() {
+                return Err(RuntimeError::Invalid(format!(
+                    "batch item {i}: extend needs at least one token"
+                )));
+            }
+            self.check_call(item.seq.len() + item.tokens.len(), item.tokens)?;
+        }
+        if items.len() <= 1 || !self.info.has_position_ids {
+            return items
+                .iter_mut()
+                .map(|item| self.extend_last(item.seq, item.tokens, item.rows))
+                .collect();
+        }
+        let batch = items.len();
+        let lens: Vec<usize> = items.iter().map(|it| it.seq.len()).collect();
+        let feeds: Vec<usize> = items.iter().map(|it| it.tokens.len()).collect();
+        let longest_past = lens.iter().copied().max().unwrap_or(0);
+        let longest_feed = feeds.iter().copied().max().unwrap_or(1);
+        let total = longest_past + longest_feed;
+        let mut ids = Vec::with_capacity(batch * longest_feed);
+        let mut mask = Vec::with_capacity(batch * total);
+        let mut positions = Vec::with_capacity(batch * longest_feed);
+        for (item, &len) in items.iter().zip(&lens) {
+            let fed = item.tokens.len();
+            // Padding feeds the item's last token again at its last
+            // position: in range for the model, hidden from every real query.
+            let last = item.tokens[fed - 1];
+            for j in 0..longest_feed {
+                ids.push(i64::from(item.tokens.get(j).copied().unwrap_or(last)));
+                positions.push((len + j.min(fed - 1)) as i64);
+            }
+            mask.extend(std::iter::repeat_n(0i64, longest_past - len));
+            mask.extend(std::iter::repeat_n(1i64, len + fed));
+            mask.extend(std::iter::repeat_n(0i64, longest_feed - fed));
+        }
+        let host_inputs = ids.len() + mask.len() + positions.len();
+        let ids = Tensor::from_array(([batch, longest_feed], ids))?.into_dyn();
+        let mask = Tensor::from_array(([batch, total], mask))?.into_dyn();
+        let positions = Tensor::from_array(([batch, longest_feed], positions))?.into_dyn();
+        let caches: Vec<&[DynValue]> = items.iter().map(|it| it.seq.kv.values.as_slice()).collect();
+        let past = self.editor.stack(&caches, &lens)?;
+        let mut inputs: Vec<(&str, &DynValue)> = Vec::with_capacity(3 + past.len());
+        inputs.push(("input_ids", &ids));
+        inputs.push(("attention_mask", &mask));
+        inputs.push(("position_ids", &positions));
+        for (name, v) in self.past_names.iter().zip(&past) {
+            inputs.push((name.as_str(), v));
+        }
+        let placement = self.editor.placement();
+        let mut outputs: Vec<(&str, &ort::memory::MemoryInfo<'_>)> =
+            Vec::with_capacity(1 + self.present_names.len());
+        outputs.push(("logits", &placement.device));
+        for name in &self.present_names {
+            outputs.push((name.as_str(), &placement.device));
+        }
+        let mut out = run_bound(&mut self.session, &inputs, &outputs)?.into_iter();
+        let Some(logits) = out.next() else {
+            return Err(RuntimeError::Ort(
+                "model produced no `logits` output".into(),
+            ));
+        };
+        let present: Vec<DynValue> = out.collect();
+        // Cut every item out of the batch before changing any sequence.
+        let mut cut = Vec::with_capacity(batch);
+        for (b, item) in items.iter().enumerate() {
+            let (len, fed) = (lens[b], feeds[b]);
+            let rows = item.rows.clamp(1, fed);
+            let pad = longest_past - len;
+            let kv = self
+                .editor
+                .slice(&present, b..b + 1, pad..pad + len + fed)?;
+            let rows = self.editor.logit_rows(&logits, b..b + 1, fed - rows..fed)?;
+            cut.push((kv, extract_logits(&rows, self.info.vocab_size)?));
+        }
+        let mut all = Vec::with_capacity(batch);
+        for ((item, (kv, logits)), len) in items.iter_mut().zip(cut).zip(lens) {
+            item.seq.kv.replace(kv, len + item.tokens.len());
+            item.seq.tokens.extend_from_slice(item.tokens);
+            self.traffic.to_host_bytes += logits.host_bytes as u64;
+            all.push(logits);
+        }
+        self.traffic.forwards += 1;
+        self.traffic.to_device_bytes += (host_inputs * std::mem::size_of::<i64>()) as u64;
+        Ok(all)
+    }
+
+    /// Refuses a forward that would reach a context of `context` positions
+    /// beyond the model's, or feed an id of `tokens` outside its vocabulary.
+    fn check_call(&self, context: usize, tokens: &[u32]) -> Result<(), RuntimeError> {
+        if let Some(ctx) = self.info.context_len
+            && context > ctx
+        {
+            return Err(RuntimeError::Invalid(format!(
+                "context of {context} tokens exceeds the model's {ctx}"
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.info.vocab_size) {
+            return Err(RuntimeError::Invalid(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.info.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
     /// Feeds one token to every branch (`tokens[j]` to branch j) as one
     /// batched forward; returns one row of logits per branch.
     pub fn extend_branches(
@@ -328,20 +570,7 @@ impl CausalLm {
         past_len: usize,
         rows: usize,
     ) -> Result<(Logits, Vec<DynValue>), RuntimeError> {
-        if let Some(ctx) = self.info.context_len
-            && past_len + seq > ctx
-        {
-            return Err(RuntimeError::Invalid(format!(
-                "context of {} tokens exceeds the model's {ctx}",
-                past_len + seq
-            )));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-            return Err(RuntimeError::Invalid(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.info.vocab_size
-            )));
-        }
+        self.check_call(past_len + seq, tokens)?;
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let total = past_len + seq;
         let ids = Tensor::from_array(([batch, seq], ids))?.into_dyn();
@@ -388,7 +617,7 @@ impl CausalLm {
         let logits = if all_rows {
             logits
         } else {
-            self.editor.logit_rows(&logits, seq - rows, seq)?
+            self.editor.logit_rows(&logits, 0..batch, seq - rows..seq)?
         };
         let logits = extract_logits(&logits, self.info.vocab_size)?;
         self.traffic.forwards += 1;
@@ -466,16 +695,29 @@ fn with_cuda(
     })
 }
 
+/// The logits in `v` as rows of `vocab` values: rows as wide as the
+/// tensor's last dimension are taken whole; wider ones (a padded LM head
+/// restricted by [`CausalLm::restrict_vocab`]) are cut to their first
+/// `vocab` values.
 fn extract_logits(v: &DynValue, vocab: usize) -> Result<Logits, RuntimeError> {
-    let (data, host_bytes) = match v.try_extract_tensor::<f32>() {
-        Ok((_, d)) => (d.to_vec(), std::mem::size_of_val(d)),
+    let (width, data, host_bytes) = match v.try_extract_tensor::<f32>() {
+        Ok((shape, d)) => (shape.last().copied(), d.to_vec(), std::mem::size_of_val(d)),
         Err(_) => {
-            let (_, d) = v.try_extract_tensor::<half::f16>()?;
+            let (shape, d) = v.try_extract_tensor::<half::f16>()?;
             (
+                shape.last().copied(),
                 d.iter().map(|x| x.to_f32()).collect(),
                 std::mem::size_of_val(d),
             )
         }
+    };
+    let data = match width.and_then(|w| usize::try_from(w).ok()) {
+        Some(width) if vocab > 0 && width > vocab && data.len() % width == 0 => data
+            .chunks_exact(width)
+            .flat_map(|row| &row[..vocab])
+            .copied()
+            .collect(),
+        _ => data,
     };
     if vocab == 0 || data.len() % vocab != 0 {
         return Err(RuntimeError::Ort(format!(
@@ -490,14 +732,179 @@ fn extract_logits(v: &DynValue, vocab: usize) -> Result<Logits, RuntimeError> {
     })
 }
 
+/// The ONNX file a model path names: `path` itself when it is a file; in a
+/// folder, `model.onnx`, else its only `*.onnx` file (e.g.
+/// `model_quantized.onnx`). A folder with several `*.onnx` files and no
+/// `model.onnx` is an error listing them (pass the one to load).
+///
+/// Errors are [`RuntimeError::ModelMissing`], saying what was looked for;
+/// only the bundled pair's folders (`models/target`, `models/draft`) are
+/// told to run `models/make.py`.
+pub fn resolve_model_file(path: &Path) -> Result<PathBuf, RuntimeError> {
+    let bundled = {
+        let dir = if path.extension().is_some_and(|e| e == "onnx") {
+            path.parent().unwrap_or(path)
+        } else {
+            path
+        };
+        let name = dir.file_name().and_then(|n| n.to_str());
+        let parent = dir
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str());
+        matches!(name, Some("target" | "draft")) && parent == Some("models")
+    };
+    let hint = if bundled {
+        " (the bundled pair lives in models/; remake it with `python models/make.py`)"
+    } else {
+        " (export a Hugging Face model with `optimum-cli export onnx --task \
+         text-generation-with-past --model <model> <folder>` and pass the folder, or pass an \
+         .onnx file)"
+    };
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.is_dir() {
+        return Err(RuntimeError::ModelMissing(format!(
+            "{} does not exist{hint}",
+            path.display()
+        )));
+    }
+    let preferred = path.join("model.onnx");
+    if preferred.is_file() {
+        return Ok(preferred);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| RuntimeError::ModelMissing(format!("cannot list {}: {e}", path.display())))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Err(RuntimeError::ModelMissing(format!(
+            "{} holds no .onnx file{hint}",
+            path.display()
+        ))),
+        1 => Ok(found.remove(0)),
+        _ => {
+            let names: Vec<String> = found
+                .iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect();
+            Err(RuntimeError::ModelMissing(format!(
+                "{} has no model.onnx but several ONNX files ({}): pass the path of the one to load",
+                path.display(),
+                names.join(", ")
+            )))
+        }
+    }
+}
+
+/// Reads what the files beside `model_file` declare: `config.json` (and
+/// its `text_config`, for multimodal wrappers), `generation_config.json`
+/// and `genai_config.json`. Missing or unparsable files count as silent.
 fn read_config(model_file: &Path) -> HfConfig {
     let Some(dir) = model_file.parent() else {
         return HfConfig::default();
     };
-    std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default()
+    let load = |name: &str| -> serde_json::Value {
+        std::fs::read_to_string(dir.join(name))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    resolve_config(
+        &load("config.json"),
+        &load("generation_config.json"),
+        &load("genai_config.json"),
+    )
+}
+
+/// [`read_config`] on parsed files (`Null` for a missing one).
+fn resolve_config(
+    config: &serde_json::Value,
+    generation: &serde_json::Value,
+    genai: &serde_json::Value,
+) -> HfConfig {
+    use serde_json::Value;
+    // config.json, then its text_config (multimodal models nest the LM's).
+    let scopes: Vec<&Value> = [Some(config), config.get("text_config")]
+        .into_iter()
+        .flatten()
+        .filter(|v| v.is_object())
+        .collect();
+    let uint = |v: Option<&Value>| -> Option<usize> {
+        v.and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+    };
+    let first = |keys: &[&str]| -> Option<usize> {
+        scopes
+            .iter()
+            .find_map(|scope| keys.iter().find_map(|k| uint(scope.get(*k))))
+    };
+    let model = genai.get("model");
+    let decoder = model.and_then(|m| m.get("decoder"));
+    let genai_uint = |scope: Option<&Value>, key: &str| uint(scope.and_then(|s| s.get(key)));
+
+    let context_len = first(&[
+        "max_position_embeddings",
+        "n_positions",
+        "max_sequence_length",
+        "seq_length",
+        "n_ctx",
+        "max_seq_len",
+        "seq_len",
+    ])
+    .or_else(|| genai_uint(model, "context_length"));
+    let attention_heads = first(&["num_attention_heads", "n_head", "n_heads", "num_heads"]);
+    let hidden = first(&["hidden_size", "n_embd", "d_model"]);
+    let genai_heads = genai_uint(decoder, "num_attention_heads");
+    let per_head =
+        |h: Option<usize>, n: Option<usize>| h.zip(n).and_then(|(h, n)| h.checked_div(n));
+    let head_dim = first(&["head_dim"])
+        .or_else(|| per_head(hidden, attention_heads))
+        .or_else(|| genai_uint(decoder, "head_size"))
+        .or_else(|| per_head(genai_uint(decoder, "hidden_size"), genai_heads));
+    let kv_heads = first(&["num_key_value_heads", "num_kv_heads", "n_head_kv"])
+        .or(attention_heads)
+        .or_else(|| genai_uint(decoder, "num_key_value_heads"))
+        .or(genai_heads);
+    let num_layers = first(&["num_hidden_layers", "n_layer", "n_layers", "num_layers"])
+        .or_else(|| genai_uint(decoder, "num_hidden_layers"));
+    let vocab_size =
+        first(&["vocab_size", "padded_vocab_size"]).or_else(|| genai_uint(model, "vocab_size"));
+
+    let mut eos_token_ids: Vec<u32> = Vec::new();
+    let mut add_ids = |v: Option<&Value>| {
+        let ids: Vec<&Value> = match v {
+            Some(Value::Array(items)) => items.iter().collect(),
+            Some(one) => vec![one],
+            None => Vec::new(),
+        };
+        for id in ids {
+            if let Some(id) = id.as_u64().and_then(|n| u32::try_from(n).ok())
+                && !eos_token_ids.contains(&id)
+            {
+                eos_token_ids.push(id);
+            }
+        }
+    };
+    add_ids(generation.get("eos_token_id"));
+    for scope in &scopes {
+        add_ids(scope.get("eos_token_id"));
+    }
+    add_ids(model.and_then(|m| m.get("eos_token_id")));
+
+    HfConfig {
+        context_len,
+        vocab_size,
+        eos_token_ids,
+        kv_heads,
+        head_dim,
+        num_layers,
+    }
 }
 
 type Discovered = (ModelInfo, Vec<String>, Vec<String>);
@@ -570,25 +977,19 @@ fn discover(
             shape.len()
         )));
     }
-    let cfg_head_dim = config.head_dim.or_else(|| {
-        config
-            .hidden_size
-            .zip(config.num_attention_heads)
-            .and_then(|(h, n)| h.checked_div(n))
-    });
     let dim = |v: i64, fallback: Option<usize>, what: &str| -> Result<usize, RuntimeError> {
         if v > 0 {
             Ok(v as usize)
         } else {
             fallback.ok_or_else(|| {
                 bad(format!(
-                    "{what} is dynamic in the graph and config.json does not declare it"
+                    "{what} is dynamic in the graph and neither config.json nor genai_config.json declares it"
                 ))
             })
         }
     };
-    let kv_heads = dim(shape[1], config.num_key_value_heads, "the KV head count")?;
-    let head_dim = dim(shape[3], cfg_head_dim, "the head dimension")?;
+    let kv_heads = dim(shape[1], config.kv_heads, "the KV head count")?;
+    let head_dim = dim(shape[3], config.head_dim, "the head dimension")?;
     let logits_shape = session
         .outputs()
         .iter()
@@ -603,14 +1004,16 @@ fn discover(
         config.vocab_size,
         "the vocabulary size",
     )?;
-    let eos_token_id = match &config.eos_token_id {
-        Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|v| u32::try_from(v).ok()),
-        Some(serde_json::Value::Array(a)) => a
-            .first()
-            .and_then(|v| v.as_u64())
-            .and_then(|v| u32::try_from(v).ok()),
-        _ => None,
-    };
+    if let Some(declared) = config.num_layers
+        && declared != num_layers
+    {
+        tracing::warn!(
+            model = %file.display(),
+            graph = num_layers,
+            declared,
+            "the graph's layer count differs from the config's; using the graph's"
+        );
+    }
     Ok((
         ModelInfo {
             path: file.to_path_buf(),
@@ -619,9 +1022,11 @@ fn discover(
             head_dim,
             kv_dtype,
             vocab_size,
+            padded_vocab_size: vocab_size,
             has_position_ids,
-            context_len: config.max_position_embeddings,
-            eos_token_id,
+            context_len: config.context_len,
+            eos_token_id: config.eos_token_ids.first().copied(),
+            eos_token_ids: config.eos_token_ids.clone(),
             provider,
             intra_threads,
         },

@@ -26,8 +26,10 @@ pub struct StopConfig {
     /// The most tokens the generation may produce, the EOS token included.
     /// `0` ends the generation before its first token.
     pub max_new_tokens: usize,
-    /// The end-of-text id, if the model has one.
-    pub eos: Option<u32>,
+    /// The end-of-text ids (empty if the model has none): the generation
+    /// stops at any of them, as transformers' `generate` stops at any id of
+    /// `generation_config.json`'s `eos_token_id` list.
+    pub eos: Vec<u32>,
     /// Texts that end the generation when they appear in its output.
     pub stop_sequences: Vec<String>,
 }
@@ -142,7 +144,7 @@ impl Terminator {
                 if self.generated >= self.config.max_new_tokens {
                     break;
                 }
-                if Some(token) == self.config.eos {
+                if self.config.eos.contains(&token) {
                     self.generated += 1;
                     accepted += 1;
                     self.reason = Some(FinishReason::Eos);
@@ -245,7 +247,7 @@ mod tests {
     fn terminator(max: usize, stops: &[&str]) -> Terminator {
         Terminator::new(StopConfig {
             max_new_tokens: max,
-            eos: Some(EOS),
+            eos: vec![EOS],
             stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
         })
     }
@@ -320,11 +322,22 @@ mod tests {
         // No EOS configured: id 0 is ordinary text.
         let mut t = Terminator::new(StopConfig {
             max_new_tokens: 10,
-            eos: None,
+            eos: vec![],
             stop_sequences: vec![],
         });
         let c = t.commit(&[1, 0], |tok| Ok::<_, Infallible>(format!("<{tok}>")));
         assert_eq!(c, Ok(expect(2, "<1><0>", None)));
+        // Several end ids (e.g. Llama 3's end of text and end of turn): any
+        // of them ends the generation.
+        for end in [7, 9] {
+            let mut t = Terminator::new(StopConfig {
+                max_new_tokens: 10,
+                eos: vec![7, 9],
+                stop_sequences: vec![],
+            });
+            let c = t.commit(&[1, end, 2], |tok| Ok::<_, Infallible>(format!("<{tok}>")));
+            assert_eq!(c, Ok(expect(2, "<1>", Some(FinishReason::Eos))));
+        }
     }
 
     #[test]
@@ -436,7 +449,7 @@ mod tests {
         let pieces = ["a", "é", "🙂", "b"];
         let mut t = Terminator::new(StopConfig {
             max_new_tokens: 10,
-            eos: None,
+            eos: vec![],
             stop_sequences: vec!["é🙂!".into()],
         });
         let mut c =
@@ -495,7 +508,7 @@ mod tests {
             for run in [1, 2, 3, 7] {
                 let mut term = Terminator::new(StopConfig {
                     max_new_tokens: 1000,
-                    eos: tok.eos_id(),
+                    eos: tok.eos_id().into_iter().collect(),
                     stop_sequences: vec![stop.to_string()],
                 });
                 let mut dec = IncrementalDecoder::new();

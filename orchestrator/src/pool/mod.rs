@@ -17,24 +17,27 @@
 //! - **Backpressure.** When every healthy worker is full, generations wait
 //!   in a bounded queue, then get RESOURCE_EXHAUSTED. With no healthy worker
 //!   at all they run target-only: slower, same output.
+//!
+//! This module holds the pool and placement; `worker` one worker's state
+//! and load, `probe` discovery and health probing.
+
+mod probe;
+mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use duo_rpc::pb::{self, draft_client::DraftClient};
-use tokio::sync::{Notify, watch};
+use duo_rpc::pb;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tonic::Status;
-use tonic::transport::Channel;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-/// The health service name draft workers report under.
-const DRAFT_SERVICE: &str = "duo.v1.Draft";
+use worker::{HEALTHY, INCOMPATIBLE, UNHEALTHY, UNKNOWN, state_name};
+pub use worker::{Lease, Worker};
 
 pub type ResolveFuture<'a> =
     Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>;
@@ -72,98 +75,6 @@ pub struct PoolConfig {
     pub fingerprint: String,
 }
 
-const UNKNOWN: u8 = 0;
-const HEALTHY: u8 = 1;
-const UNHEALTHY: u8 = 2;
-/// Serving, but with another tokenizer: never in the rotation.
-const INCOMPATIBLE: u8 = 3;
-
-fn state_name(s: u8) -> &'static str {
-    match s {
-        HEALTHY => "healthy",
-        UNHEALTHY => "unhealthy",
-        INCOMPATIBLE => "incompatible",
-        _ => "unknown",
-    }
-}
-
-/// One draft worker.
-pub struct Worker {
-    pub address: String,
-    source: String,
-    pub(crate) client: DraftClient<Channel>,
-    health: HealthClient<Channel>,
-    state: AtomicU8,
-    /// This orchestrator's sessions on the worker now.
-    active: AtomicUsize,
-    /// Sessions open and capacity, as the worker last reported (0 = unknown).
-    reported_open: AtomicU32,
-    /// Our sessions there that ended since that report (so a freed slot is
-    /// reused at once, not after the next probe).
-    closed_since_report: AtomicU32,
-    capacity: AtomicU32,
-    placed: AtomicU64,
-}
-
-impl Worker {
-    fn new(address: String, source: String) -> Result<Self, String> {
-        let channel = crate::endpoint(&address)?.connect_lazy();
-        Ok(Self {
-            address,
-            source,
-            client: DraftClient::new(channel.clone()),
-            health: HealthClient::new(channel),
-            state: AtomicU8::new(UNKNOWN),
-            active: AtomicUsize::new(0),
-            reported_open: AtomicU32::new(0),
-            closed_since_report: AtomicU32::new(0),
-            capacity: AtomicU32::new(0),
-            placed: AtomicU64::new(0),
-        })
-    }
-
-    fn state(&self) -> u8 {
-        self.state.load(Ordering::Relaxed)
-    }
-
-    /// (sessions in use, capacity); capacity 0 = unknown (no limit known).
-    fn load(&self) -> (usize, usize) {
-        let reported = self
-            .reported_open
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.closed_since_report.load(Ordering::Relaxed));
-        let used = self.active.load(Ordering::Relaxed).max(reported as usize);
-        (used, self.capacity.load(Ordering::Relaxed) as usize)
-    }
-
-    fn has_room(&self) -> bool {
-        let (used, cap) = self.load();
-        cap == 0 || used < cap
-    }
-
-    /// Load ÷ capacity, for ordering.
-    fn fill(&self) -> f64 {
-        let (used, cap) = self.load();
-        used as f64 / cap.max(1) as f64
-    }
-}
-
-/// A place on a worker, held for as long as a draft session lives there.
-pub struct Lease {
-    pub worker: Arc<Worker>,
-    pool: Arc<DraftPool>,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.worker.active.fetch_sub(1, Ordering::Relaxed);
-        self.worker
-            .closed_since_report
-            .fetch_add(1, Ordering::Relaxed);
-        self.pool.freed.notify_waiters();
-    }
-}
-
 enum Pick {
     Lease(Lease),
     /// Healthy workers exist, all full.
@@ -181,6 +92,7 @@ impl Drop for Queued<'_> {
     }
 }
 
+/// The draft workers this orchestrator knows, and where generations go.
 pub struct DraftPool {
     cfg: PoolConfig,
     workers: RwLock<Vec<Arc<Worker>>>,
@@ -192,11 +104,10 @@ pub struct DraftPool {
     /// A generation without a draft asked for a probe now (see
     /// [`Self::request_probe`]).
     probe_wanted: Notify,
+    /// The target's LM-head rows, once learned (0 before): a draft whose
+    /// head differs by more than padding is incompatible.
+    target_rows: std::sync::atomic::AtomicU32,
 }
-
-/// Least time between two probes that generations without a draft ask for
-/// (on top of the periodic `--health-interval-ms` ones).
-const REQUESTED_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 impl DraftPool {
     /// A pool with the static workers (not probed yet).
@@ -215,7 +126,15 @@ impl DraftPool {
             resolver,
             incompatible: RwLock::new(String::new()),
             probe_wanted: Notify::new(),
+            target_rows: std::sync::atomic::AtomicU32::new(0),
         }))
+    }
+
+    /// Remembers the target's LM-head rows (its `ModelInfo`), against which
+    /// every probe checks a draft's (they may differ by padding only,
+    /// [`duo_core::engine::MAX_VOCAB_PADDING`] rows at most).
+    pub fn set_target_vocab_rows(&self, rows: u32) {
+        self.target_rows.store(rows, Ordering::Relaxed);
     }
 
     /// True when the pool can ever have workers.
@@ -381,166 +300,5 @@ impl DraftPool {
             .into_iter()
             .filter_map(|r| r.ok()?.ok().map(|r| r.into_inner()))
             .collect()
-    }
-
-    /// Pool gauges for /metrics.
-    fn publish(&self) {
-        let workers = self.snapshot();
-        for state in [HEALTHY, UNHEALTHY, UNKNOWN, INCOMPATIBLE] {
-            let n = workers.iter().filter(|w| w.state() == state).count();
-            metrics::gauge!("duo_orchestrator_draft_workers", "state" => state_name(state))
-                .set(n as f64);
-        }
-        for w in &workers {
-            let labels = [("worker", w.address.clone())];
-            metrics::gauge!("duo_orchestrator_draft_worker_healthy", &labels)
-                .set(f64::from(u8::from(w.state() == HEALTHY)));
-            metrics::gauge!("duo_orchestrator_draft_worker_active", &labels)
-                .set(w.active.load(Ordering::Relaxed) as f64);
-        }
-    }
-
-    /// Asks the pool's task for a probe of every worker soon (at most every
-    /// [`REQUESTED_PROBE_INTERVAL`]): a generation running without a draft
-    /// calls this each round, so it takes up a worker within a few rounds
-    /// of one serving, not at the next periodic probe.
-    pub fn request_probe(&self) {
-        self.probe_wanted.notify_one();
-    }
-
-    /// Probes every worker (or only those not probed yet) at once.
-    pub async fn probe_all(&self, only_unknown: bool) {
-        let workers: Vec<_> = self
-            .snapshot()
-            .into_iter()
-            .filter(|w| !only_unknown || w.state() == UNKNOWN)
-            .collect();
-        let probes = workers.iter().map(|w| self.probe(w));
-        futures_util::future::join_all(probes).await;
-        // New states and loads may have made room: queued generations look
-        // again (a freed session is only seen in the worker's next report).
-        self.freed.notify_waiters();
-        self.publish();
-    }
-
-    /// One probe: updates the worker's state and reported load.
-    async fn probe(&self, w: &Worker) {
-        let checked = tokio::time::timeout(self.cfg.probe_timeout, async {
-            let status = w
-                .health
-                .clone()
-                .check(HealthCheckRequest {
-                    service: DRAFT_SERVICE.into(),
-                })
-                .await
-                .map_err(|s| s.message().to_string())?
-                .into_inner()
-                .status;
-            if status != ServingStatus::Serving as i32 {
-                return Err("not serving yet".to_string());
-            }
-            let info = w
-                .client
-                .clone()
-                .describe(pb::DescribeRequest {})
-                .await
-                .map_err(|s| s.message().to_string())?
-                .into_inner();
-            if info.tokenizer_fingerprint != self.cfg.fingerprint {
-                return Err(format!(
-                    "incompatible draft worker {}: its tokenizer ({}) differs from the orchestrator's ({}); draft, target and orchestrator must share one tokenizer.json",
-                    w.address, info.tokenizer_fingerprint, self.cfg.fingerprint
-                ));
-            }
-            Ok(info)
-        })
-        .await
-        .unwrap_or_else(|_| Err("health probe timed out".into()));
-        let new = match &checked {
-            Ok(info) => {
-                w.reported_open.store(info.sessions_open, Ordering::Relaxed);
-                w.closed_since_report.store(0, Ordering::Relaxed);
-                w.capacity.store(info.max_sessions, Ordering::Relaxed);
-                HEALTHY
-            }
-            Err(why) if why.starts_with("incompatible") => {
-                why.clone_into(&mut self.incompatible.write().unwrap_or_else(|p| p.into_inner()));
-                INCOMPATIBLE
-            }
-            Err(_) => UNHEALTHY,
-        };
-        let old = w.state.swap(new, Ordering::Relaxed);
-        if old != new {
-            match &checked {
-                Ok(_) => tracing::info!(worker = %w.address, "draft worker healthy: in rotation"),
-                Err(why) => {
-                    tracing::warn!(worker = %w.address, "draft worker unhealthy: {why}")
-                }
-            }
-        }
-    }
-
-    /// Re-resolves the DNS names: adds new addresses, drops vanished ones
-    /// (a failed lookup changes nothing).
-    pub async fn discover(&self) {
-        for name in &self.cfg.dns_names {
-            let addrs = match self.resolver.resolve(name).await {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::debug!(%name, "draft discovery lookup failed: {e}");
-                    continue;
-                }
-            };
-            let source = format!("dns:{name}");
-            let wanted: Vec<String> = addrs.iter().map(|a| format!("http://{a}")).collect();
-            let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
-            let before = workers.len();
-            workers.retain(|w| w.source != source || wanted.contains(&w.address));
-            let removed = before - workers.len();
-            let mut added = 0;
-            for a in wanted {
-                if !workers.iter().any(|w| w.address == a) {
-                    match Worker::new(a, source.clone()) {
-                        Ok(w) => {
-                            workers.push(Arc::new(w));
-                            added += 1;
-                        }
-                        Err(e) => tracing::warn!("draft discovery: {e}"),
-                    }
-                }
-            }
-            if added + removed > 0 {
-                tracing::info!(%name, added, removed, total = workers.len(), "draft workers discovered");
-            }
-        }
-    }
-
-    /// Runs discovery and health probes until `stop` turns true.
-    pub fn spawn_tasks(self: &Arc<Self>, stop: watch::Receiver<bool>) {
-        let pool = Arc::clone(self);
-        let stopped = duo_rpc::serve::stopped(&stop);
-        tokio::spawn(async move {
-            let mut discovery = tokio::time::interval(pool.cfg.discovery_interval);
-            let mut health = tokio::time::interval(pool.cfg.health_interval);
-            discovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tokio::pin!(stopped);
-            let mut last_requested = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = discovery.tick(), if !pool.cfg.dns_names.is_empty() => {
-                        pool.discover().await;
-                        pool.probe_all(true).await;
-                    }
-                    _ = health.tick() => pool.probe_all(false).await,
-                    _ = pool.probe_wanted.notified() => {
-                        tokio::time::sleep_until(last_requested + REQUESTED_PROBE_INTERVAL).await;
-                        last_requested = tokio::time::Instant::now();
-                        pool.probe_all(false).await;
-                    }
-                }
-            }
-        });
     }
 }

@@ -1,0 +1,224 @@
+//! Batched forwards across sequences (`CausalLm::extend_batch`) against the
+//! same forwards run one sequence at a time, on the bundled models (real
+//! ONNX Runtime): sequences of different context lengths, feeding different
+//! numbers of tokens, after rollbacks, in batches whose membership changes
+//! from one forward to the next.
+
+use std::path::{Path, PathBuf};
+
+use duo_core::runtime::{BatchItem, CausalLm, Logits, ModelOptions, Sequence};
+use duo_core::sampling::argmax;
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+fn load(name: &str) -> CausalLm {
+    CausalLm::load(&models().join(name), &ModelOptions::default()).expect("bundled model loads")
+}
+
+/// Prompts of different lengths (the target's PyTorch fixture prompts).
+fn prompts() -> Vec<Vec<u32>> {
+    #[derive(serde::Deserialize)]
+    struct Fixture {
+        greedy: Vec<Greedy>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Greedy {
+        ids: Vec<u32>,
+    }
+    let text = std::fs::read_to_string(models().join("fixtures/target.json")).expect("fixture");
+    let fx: Fixture = serde_json::from_str(&text).expect("fixture parses");
+    fx.greedy.into_iter().map(|g| g.ids).collect()
+}
+
+/// Largest |difference| between two sets of logits rows of equal shape.
+fn max_diff(a: &Logits, b: &Logits) -> f32 {
+    assert_eq!(a.rows(), b.rows(), "row counts");
+    (0..a.rows())
+        .flat_map(|r| a.row(r).iter().zip(b.row(r)).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+/// Float rounding only: the batch changes summation order, nothing else.
+const ROUNDING: f32 = 1e-4;
+
+/// Runs `feeds[i]` (tokens, rows) for `seqs[i]` as one batched forward.
+fn batched(lm: &mut CausalLm, seqs: &mut [Sequence], feeds: &[(Vec<u32>, usize)]) -> Vec<Logits> {
+    let mut items: Vec<BatchItem<'_>> = seqs
+        .iter_mut()
+        .zip(feeds)
+        .map(|(seq, (tokens, rows))| BatchItem {
+            seq,
+            tokens,
+            rows: *rows,
+        })
+        .collect();
+    lm.extend_batch(&mut items).expect("batched forward")
+}
+
+/// Mixed work in one forward — a prefill from an empty context, a
+/// verification block and a single step on contexts of different lengths —
+/// gives every sequence its solo logits and leaves its cache as a solo
+/// forward would (checked by the next, solo, forward).
+#[test]
+fn a_mixed_batch_equals_solo_forwards() {
+    let mut lm = load("target");
+    let p = prompts();
+    let feeds = vec![
+        (p[0][..40].to_vec(), 40),  // a prefill from nothing, all rows
+        (p[1][20..29].to_vec(), 9), // a 9-token block after 20
+        (vec![p[2][30]], 1),        // one step after 30
+        (p[0][60..64].to_vec(), 2), // 4 tokens after 60, last 2 rows
+    ];
+    let pasts: [&[u32]; 4] = [&[], &p[1][..20], &p[2][..30], &p[0][..60]];
+    let fresh = |lm: &mut CausalLm| -> Vec<Sequence> {
+        pasts
+            .iter()
+            .map(|past| {
+                let mut seq = lm.sequence().unwrap();
+                if !past.is_empty() {
+                    lm.extend(&mut seq, past).unwrap();
+                }
+                seq
+            })
+            .collect()
+    };
+    let mut solo = fresh(&mut lm);
+    let want: Vec<Logits> = solo
+        .iter_mut()
+        .zip(&feeds)
+        .map(|(seq, (t, rows))| lm.extend_last(seq, t, *rows).unwrap())
+        .collect();
+    let mut together = fresh(&mut lm);
+    let before = lm.host_traffic().forwards;
+    let got = batched(&mut lm, &mut together, &feeds);
+    assert_eq!(
+        lm.host_traffic().forwards,
+        before + 1,
+        "one forward for the batch"
+    );
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let d = max_diff(g, w);
+        assert!(d <= ROUNDING, "item {i}: logits differ by {d}");
+        assert_eq!(argmax(g.last()), argmax(w.last()), "item {i}: argmax");
+    }
+    for (i, (a, b)) in together.iter_mut().zip(solo.iter_mut()).enumerate() {
+        assert_eq!(a.tokens(), b.tokens(), "item {i}: context");
+        let next = [p[0][70 + i]];
+        let (x, y) = (lm.extend(a, &next).unwrap(), lm.extend(b, &next).unwrap());
+        let d = max_diff(&x, &y);
+        assert!(
+            d <= ROUNDING,
+            "item {i}: the cache after the batch differs by {d}"
+        );
+    }
+}
+
+/// Greedy decoding of several prompts, batched step by step while members
+/// join late, roll back and leave, yields each prompt's solo tokens.
+#[test]
+fn batched_greedy_decoding_yields_solo_tokens() {
+    let mut lm = load("target");
+    let p = prompts();
+    let steps = 24;
+    let solo: Vec<Vec<u32>> = p
+        .iter()
+        .map(|prompt| {
+            let mut seq = lm.sequence().unwrap();
+            let mut next = argmax(lm.extend(&mut seq, prompt).unwrap().last());
+            let mut out = Vec::new();
+            for _ in 0..steps {
+                out.push(next);
+                next = argmax(lm.extend(&mut seq, &[next]).unwrap().last());
+            }
+            out
+        })
+        .collect();
+    // State per prompt: its sequence, next token, tokens so far.
+    let mut seqs: Vec<Sequence> = p.iter().map(|_| lm.sequence().unwrap()).collect();
+    let mut next: Vec<Option<u32>> = vec![None; p.len()];
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); p.len()];
+    for step in 0..steps + 8 {
+        // Prompt i joins at step 3i; prompt 1 rolls back two tokens at step 10.
+        if step == 10 && out[1].len() >= 2 {
+            let keep = seqs[1].len() - 2;
+            seqs[1].truncate(keep).unwrap();
+            let n = out[1].len() - 2;
+            next[1] = Some(out[1][n]);
+            out[1].truncate(n);
+        }
+        let mut members = Vec::new();
+        let mut feeds = Vec::new();
+        for i in 0..p.len() {
+            if step < 3 * i || out[i].len() >= steps {
+                continue;
+            }
+            members.push(i);
+            feeds.push(match next[i] {
+                None => (p[i].clone(), 1),
+                Some(t) => {
+                    out[i].push(t);
+                    (vec![t], 1)
+                }
+            });
+        }
+        if members.is_empty() {
+            continue;
+        }
+        let mut taken: Vec<Sequence> = members
+            .iter()
+            .map(|&i| std::mem::replace(&mut seqs[i], lm.sequence().unwrap()))
+            .collect();
+        let logits = batched(&mut lm, &mut taken, &feeds);
+        for ((&i, seq), l) in members.iter().zip(taken).zip(&logits) {
+            seqs[i] = seq;
+            next[i] = Some(argmax(l.last()));
+        }
+    }
+    for (i, (got, want)) in out.iter().zip(&solo).enumerate() {
+        assert_eq!(got.len(), steps, "prompt {i} finished");
+        assert_eq!(got, want, "prompt {i}: batched greedy tokens");
+    }
+}
+
+/// A batch of one is the solo forward, bit for bit.
+#[test]
+fn a_batch_of_one_is_the_solo_forward() {
+    let mut lm = load("draft");
+    let p = prompts();
+    let mut a = lm.sequence().unwrap();
+    let mut b = lm.sequence().unwrap();
+    let want = lm.extend_last(&mut a, &p[0], 3).unwrap();
+    let got = batched(&mut lm, std::slice::from_mut(&mut b), &[(p[0].clone(), 3)]);
+    assert_eq!(max_diff(&got[0], &want), 0.0);
+}
+
+/// An item that would overrun the context or names a token outside the
+/// vocabulary is refused before any forward, and no sequence changes.
+#[test]
+fn a_bad_item_is_refused_before_the_forward() {
+    let mut lm = load("draft");
+    let vocab = lm.info().vocab_size as u32;
+    let mut seqs = [lm.sequence().unwrap(), lm.sequence().unwrap()];
+    let before = lm.host_traffic().forwards;
+    let good = [1u32, 2, 3];
+    let bad = [4u32, vocab];
+    let (s0, s1) = seqs.split_at_mut(1);
+    let mut items = [
+        BatchItem {
+            seq: &mut s0[0],
+            tokens: &good,
+            rows: 1,
+        },
+        BatchItem {
+            seq: &mut s1[0],
+            tokens: &bad,
+            rows: 1,
+        },
+    ];
+    let err = lm.extend_batch(&mut items).expect_err("refused");
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    assert_eq!(lm.host_traffic().forwards, before);
+    assert!(seqs.iter().all(Sequence::is_empty));
+}

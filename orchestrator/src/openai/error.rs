@@ -1,0 +1,109 @@
+//! Errors in OpenAI's shape: the error object with its HTTP status, and a
+//! generation's gRPC status mapped onto it.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tonic::{Code, Status};
+
+/// An error in OpenAI's shape with the matching HTTP status; `param` names
+/// the request field at fault, as OpenAI's errors do.
+pub(super) struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<String>,
+}
+
+/// Seconds a client is told to wait before retrying a 429 or 503.
+const RETRY_AFTER_SECS: &str = "1";
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>, kind: &'static str) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+        }
+    }
+
+    /// OpenAI's error object.
+    pub(super) fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        resp
+    }
+}
+
+/// A generation's error as the client should see it. `chat`: the prompt is
+/// `messages`, not `prompt`.
+pub(super) fn status_error(s: Status, chat: bool) -> ApiError {
+    let (code, kind) = match s.code() {
+        Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        // The services disagree (e.g. tokenizers): the deployment's
+        // fault, not the request's.
+        Code::FailedPrecondition => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+        Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+        Code::Cancelled | Code::DeadlineExceeded => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+    };
+    // Name the fields as this API spells them.
+    let message = s.message().replace("max_new_tokens", "max_tokens");
+    let param = (code == StatusCode::BAD_REQUEST)
+        .then(|| param_in(&message, chat))
+        .flatten();
+    ApiError {
+        status: code,
+        message,
+        kind,
+        param,
+    }
+}
+
+/// The request field a validation message from the generation path is
+/// about (the first that the message names, most specific first).
+pub(super) fn param_in(message: &str, chat: bool) -> Option<String> {
+    let prompt = if chat { "messages" } else { "prompt" };
+    [
+        ("max_tokens", "max_tokens"),
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("stop sequence", "stop"),
+        ("gamma", "gamma"),
+        ("max_branches", "max_branches"),
+        ("token id", prompt),
+        ("prompt", prompt),
+    ]
+    .into_iter()
+    .find(|(needle, _)| message.contains(needle))
+    .map(|(_, param)| param.to_string())
+}
+
+pub(super) fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, msg, "invalid_request_error")
+}
+
+/// A 400 naming the request field `param`.
+pub(super) fn refuse(param: impl Into<String>, msg: impl Into<String>) -> ApiError {
+    ApiError {
+        param: Some(param.into()),
+        ..bad(msg)
+    }
+}
