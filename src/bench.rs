@@ -26,7 +26,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// γ for speculative mode.
-    #[arg(long, default_value_t = duo_core::engine::session::DEFAULT_SPS_GAMMA)]
+    #[arg(long, default_value_t = duo_core::engine::driver::DEFAULT_SPS_GAMMA)]
     sps_gamma: usize,
     /// Fixed γ for duodecoding (default: the budget controller decides).
     #[arg(long)]
@@ -355,7 +355,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let mut ctx = pr.ids.clone();
                 ctx.extend_from_slice(&outs[0].tokens[..at.min(outs[0].tokens.len())]);
                 let gap = engine.target_top2_gap(&ctx)?;
-                if gap < duo_core::spec::verify::NEAR_TIE_GAP {
+                if gap < duo_core::speculative::verify::NEAR_TIE_GAP {
                     near_ties += 1;
                 }
                 divergence_notes

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use duo_core::engine::{Engine, EngineConfig, GenerateParams, Mode};
 use duo_core::runtime::Device;
 use duo_core::sampling::SamplingParams;
-use duo_core::spec::budget::BudgetConfig;
+use duo_core::speculative::budget::BudgetConfig;
 
 #[derive(Parser)]
 #[command(

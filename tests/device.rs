@@ -17,7 +17,7 @@ use std::process::Command;
 use duo_core::runtime::{CausalLm, ModelOptions, model::KvDType};
 use duo_core::sampling::argmax;
 
-use duo_core::spec::verify::FP16_NEAR_TIE_GAP;
+use duo_core::speculative::verify::FP16_NEAR_TIE_GAP;
 
 fn python(modules: &str) -> Option<String> {
     let python = std::env::var("DUO_PYTHON").unwrap_or_else(|_| "python3".into());

@@ -69,7 +69,7 @@ fn speculative_modes_match_autoregressive_greedy() {
                 ctx.extend_from_slice(&ar.tokens[..at]);
                 let gap = engine.target_top2_gap(&ctx).unwrap();
                 assert!(
-                    gap < duo_core::spec::verify::NEAR_TIE_GAP,
+                    gap < duo_core::speculative::verify::NEAR_TIE_GAP,
                     "prompt {i}: {mode} diverged from autoregressive at token {at} (target top-2 gap {gap:.3e}): {:?} vs {:?}",
                     &g.tokens[at..(at + 5).min(g.tokens.len())],
                     &ar.tokens[at..(at + 5).min(ar.tokens.len())]

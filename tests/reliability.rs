@@ -268,6 +268,44 @@ async fn idle_sessions_expire_on_both_workers() {
     .await;
 }
 
+/// A target that ends a session mid-generation with a status of its own
+/// ends the generation with that status and the target's message: here the
+/// generations are held past the target's `--session-ttl-s`, the target
+/// closes the idle sessions with DEADLINE_EXCEEDED, and the clients get
+/// DEADLINE_EXCEEDED naming the flag (gRPC stream) and 408 (HTTP) — not
+/// "target-service unavailable", which it never was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_session_that_expires_mid_generation_ends_it_with_deadline_exceeded() {
+    let dep = common::start_with(Setup {
+        target_flags: vec!["--session-ttl-s=1".into()],
+        ..Setup::drafts(1)
+    })
+    .await;
+    dep.hold();
+    let (mut stream, _) =
+        common::held_stream(&dep, greedy(PROMPTS[0], Mode::Duodecoding, 64)).await;
+    let http = tokio::spawn(common::http(
+        dep.http,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt": "ROMEO. But soft, what light", "max_tokens": 64, "temperature": 0}"#,
+    ));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    dep.release();
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(c)) => assert!(c.r#final.is_none(), "the generation finished"),
+            Ok(None) => panic!("the stream ended without its final message"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(end.code(), tonic::Code::DeadlineExceeded, "{end:?}");
+    assert!(end.message().contains("--session-ttl-s"), "{end:?}");
+    let (code, _, body) = http.await.unwrap();
+    assert_eq!(code, 408, "{body}");
+    assert!(body.contains("--session-ttl-s"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn session_limits_queues_and_backpressure() {
     // A worker with room for one session and a queue of one.

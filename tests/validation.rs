@@ -234,7 +234,9 @@ async fn invalid_requests_are_rejected_with_a_clear_message() {
 /// full-context session of the bundled target (512 tokens x 2 KiB) fits, a
 /// second is refused with RESOURCE_EXHAUSTED naming the bytes, and closing
 /// the first frees its share. A generation through the orchestrator
-/// reserves only what it can use (prompt + max_tokens + the longest tail).
+/// reserves only what it can use (prompt + max_tokens + the longest tail);
+/// while the budget is full its client gets the target's own status and
+/// message (gRPC RESOURCE_EXHAUSTED, HTTP 429), not a generic UNAVAILABLE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn target_sessions_are_admitted_by_kv_bytes() {
     use duo_rpc::pb::target_client::TargetClient;
@@ -293,6 +295,30 @@ async fn target_sessions_are_admitted_by_kv_bytes() {
     let mut client = dep.client().await;
     let err = client.generate(ok_request()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    for part in ["KV cache budget", "--kv-budget-mib"] {
+        assert!(err.message().contains(part), "{err:?}");
+    }
+    let mut stream = client
+        .generate_stream(ok_request())
+        .await
+        .unwrap()
+        .into_inner();
+    let err = stream.message().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("KV cache budget"), "{err:?}");
+    let (code, head, body) = common::http(
+        dep.http,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt": "KING. Speak", "max_tokens": 8}"#,
+    )
+    .await;
+    assert_eq!(code, 429, "{body}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    assert!(
+        body.contains("rate_limit_error") && body.contains("KV cache budget"),
+        "{body}"
+    );
     // ...and runs once the first session closes.
     drop(first_tx);
     common::wait_until(10, "the closed session's reservation freed", || {

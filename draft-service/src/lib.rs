@@ -8,16 +8,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
-use duo_core::engine::session::MAX_GAMMA;
+use duo_core::engine::driver::MAX_GAMMA;
 use duo_core::engine::{DraftJob, Drafter};
 use duo_core::runtime::{Device, ModelOptions};
 use duo_core::sampling::draft_rng;
-use duo_core::spec::policy::{BranchPolicy, MAX_BRANCHES};
+use duo_core::speculative::policy::{BranchPolicy, MAX_BRANCHES};
 use duo_rpc::convert::{sync_from_pb, tree_to_pb};
 use duo_rpc::pb::draft_server::{Draft, DraftServer};
 use duo_rpc::pb::{self, draft_reply, draft_request};
 use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection_v1, reflection_v1alpha};
-use duo_rpc::worker::{LoadedWorker, next_or_close, runtime_status};
+use duo_rpc::status::engine_status;
+use duo_rpc::worker::{LoadedWorker, next_or_close};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -150,7 +151,7 @@ impl Draft for DraftService {
                                     let res = match svc2.loaded() {
                                         Ok(l) => {
                                             let mut lm = l.lm();
-                                            d.draft(&mut lm, &job).map_err(runtime_status)
+                                            d.draft(&mut lm, &job).map_err(engine_status)
                                         }
                                         Err(e) => Err(e),
                                     };
@@ -209,7 +210,7 @@ fn open_session(
     let lm = loaded.lm();
     *drafter = Some(
         Drafter::new(&lm)
-            .map_err(runtime_status)?
+            .map_err(engine_status)?
             .with_sampling(sampling, draft_rng(open.seed)),
     );
     Ok(pb::DraftReply {

@@ -5,11 +5,11 @@
 //! - [`sampling`]: logits processing and seeded sampling.
 //! - [`tokenizer`]: `tokenizer.json` loading and streaming detokenization.
 //! - [`chat`]: rendering a model's chat template (`apply_chat_template`).
-//! - [`spec`]: the speculative algorithm as pure logic with no I/O:
+//! - [`speculative`]: the speculative algorithm as pure logic with no I/O:
 //!   verification, the DuoDecoding round state machine, the drafting policy,
 //!   the budget controller and termination.
 //! - [`gpu_like`]: the gpu-like stand-in pair (exact logits, GPU-shaped costs).
-//! - [`engine`]: the in-process engine that drives [`spec`] over [`runtime`]
+//! - [`engine`]: the in-process engine that drives [`speculative`] over [`runtime`]
 //!   in three modes (autoregressive, speculative, duodecoding).
 
 pub mod chat;
@@ -18,6 +18,6 @@ pub mod gpu_like;
 mod onnx_graph;
 pub mod runtime;
 pub mod sampling;
-pub mod spec;
+pub mod speculative;
 pub mod stats;
 pub mod tokenizer;

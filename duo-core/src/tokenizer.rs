@@ -379,7 +379,7 @@ impl Tokenizer {
     ///
     /// Special tokens are NOT skipped: `<|endoftext|>` decodes to the literal
     /// text `<|endoftext|>`. Callers that must not show it (such as the stop
-    /// logic in [`crate::spec::stop`]) keep the EOS id out of what they decode.
+    /// logic in [`crate::speculative::stop`]) keep the EOS id out of what they decode.
     /// Byte sequences that are not valid UTF-8 (e.g. a multi-byte character
     /// cut short) decode to U+FFFD replacement characters.
     ///

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use duo_core::chat::{ChatError, ChatMessage, ChatOptions, ChatTemplate, JsonValue, render_chat};
 use duo_core::runtime::model::KvDType;
 use duo_core::runtime::{CausalLm, ModelOptions, RuntimeError};
-use duo_core::spec::verify::{FP16_NEAR_TIE_GAP, NEAR_TIE_GAP};
+use duo_core::speculative::verify::{FP16_NEAR_TIE_GAP, NEAR_TIE_GAP};
 use duo_core::tokenizer::{Tokenizer, TokenizerError};
 
 const NAMES: [&str; 9] = [

@@ -8,10 +8,10 @@
 //! `PROPTEST_CASES` sets the number of cases (default 256; CI runs the
 //! default, longer runs locally).
 
-use duo_core::engine::session::{GenerateParams, Limits, Mode, validate};
+use duo_core::engine::driver::{GenerateParams, Limits, Mode, validate};
 use duo_core::sampling::SamplingParams;
-use duo_core::spec::round::Round;
-use duo_core::spec::verify::ChainVerdict;
+use duo_core::speculative::round::Round;
+use duo_core::speculative::verify::ChainVerdict;
 use proptest::prelude::*;
 
 /// One round's inputs: a verdict (possibly invalid) and branches (possibly

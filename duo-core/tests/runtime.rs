@@ -102,7 +102,7 @@ fn greedy_continuation_matches_pytorch() {
                 let got = argmax(logits.last());
                 if got != want {
                     assert!(
-                        g.top2_gap[i] < duo_core::spec::verify::NEAR_TIE_GAP,
+                        g.top2_gap[i] < duo_core::speculative::verify::NEAR_TIE_GAP,
                         "{name}: diverged at step {i} with gap {}",
                         g.top2_gap[i]
                     );

@@ -1,18 +1,18 @@
-//! Sampling fidelity of the whole speculative loop (`engine::session::run`:
+//! Sampling fidelity of the whole speculative loop (`engine::driver::run`:
 //! round state machine, verification, branch choice, termination) with a
 //! small synthetic Markov target and a *different* synthetic draft, so the
 //! test is fast and has power: the first emitted tokens under speculative
 //! and duodecoding must follow the target's exact distribution.
 
-use duo_core::engine::session::{
+use duo_core::engine::driver::{
     self, DraftSide, GenerateParams, Limits, Mode, Recovery, TargetSide,
 };
 use duo_core::engine::{DraftJob, DraftTree, EngineError, TargetVerdict};
 use duo_core::sampling::{
     Distribution, Rng, SamplingParams, argmax, draft_rng, rng_from_seed, top_softmax,
 };
-use duo_core::spec::budget::{BudgetConfig, BudgetController};
-use duo_core::spec::verify::{ChainVerdict, verify_deterministic, verify_sampled};
+use duo_core::speculative::budget::{BudgetConfig, BudgetController};
+use duo_core::speculative::verify::{ChainVerdict, verify_deterministic, verify_sampled};
 use duo_core::stats::chi_square;
 use duo_core::tokenizer::Tokenizer;
 
@@ -219,7 +219,7 @@ impl Flaky {
     fn tick(&mut self) -> Result<(), EngineError> {
         self.calls += 1;
         if self.calls.is_multiple_of(self.period) {
-            return Err(EngineError::Unavailable("draft", "worker died".into()));
+            return Err(EngineError::unavailable("draft", "worker died"));
         }
         Ok(())
     }
@@ -314,7 +314,7 @@ fn joint_counts_with(
             (_, Some(f)) => Some(f),
             (_, None) => Some(&mut draft),
         };
-        let g = session::run(
+        let g = driver::run(
             &mut target,
             draft_side,
             &tok,
@@ -489,7 +489,7 @@ fn a_dying_draft_leaves_greedy_output_unchanged() {
             ..GenerateParams::default()
         };
         let mut budget = BudgetController::new(BudgetConfig::fixed(3));
-        session::run(
+        driver::run(
             &mut target,
             draft.as_mut().map(|d| d as &mut dyn DraftSide),
             &tok,

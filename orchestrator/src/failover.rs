@@ -8,13 +8,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use duo_core::engine::{DraftJob, DraftSide, DraftTree, EngineError, Recovery};
+use duo_core::engine::{DraftJob, DraftSide, DraftTree, EngineError, ErrorKind, Recovery};
 use duo_rpc::pb;
+use duo_rpc::status::engine_status;
 use tokio::runtime::Handle;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::pool::{DraftPool, Lease};
-use crate::remote::RemoteDraft;
+use crate::remote::{RemoteDraft, Side};
 
 pub struct PooledDraft {
     pool: Arc<DraftPool>,
@@ -26,7 +27,7 @@ pub struct PooledDraft {
     /// Workers this generation used, in order.
     pub workers: Vec<String>,
     /// The first error that was not a worker failure (a refused request).
-    pub refused: Option<Status>,
+    pub refused: Option<EngineError>,
 }
 
 impl PooledDraft {
@@ -56,10 +57,10 @@ impl PooledDraft {
         if this.current.is_none() {
             this.current = this.open_elsewhere(&tried).await;
         }
-        if let Some(s) = &this.refused
-            && this.current.is_none()
+        if this.current.is_none()
+            && let Some(e) = this.refused.take()
         {
-            return Err(s.clone());
+            return Err(engine_status(e));
         }
         Ok(this)
     }
@@ -72,26 +73,32 @@ impl PooledDraft {
         tried: &mut Vec<String>,
     ) -> Option<(RemoteDraft, Lease)> {
         let w = Arc::clone(&lease.worker);
+        let side = Side::draft(&w.address);
         let opened = tokio::time::timeout(
             self.pool.config().probe_timeout,
-            RemoteDraft::open(w.client.clone(), self.open.clone(), self.timeout),
+            RemoteDraft::open(
+                w.client.clone(),
+                side.clone(),
+                self.open.clone(),
+                self.timeout,
+            ),
         )
         .await
-        .unwrap_or_else(|_| Err(Status::unavailable("opening the draft session timed out")));
+        .unwrap_or_else(|_| Err(side.unavailable("opening the draft session timed out")));
         match opened {
             Ok((d, _)) => {
                 self.workers.push(w.address.clone());
                 Some((d, lease))
             }
-            Err(s) => {
+            Err(e) => {
                 tried.push(w.address.clone());
-                match s.code() {
-                    Code::ResourceExhausted => self.pool.mark_full(&w),
-                    Code::InvalidArgument | Code::FailedPrecondition => {
-                        self.pool.mark_unhealthy(&w, s.message());
-                        self.refused.get_or_insert(s);
+                match e.kind() {
+                    ErrorKind::ResourceExhausted => self.pool.mark_full(&w),
+                    ErrorKind::InvalidArgument | ErrorKind::FailedPrecondition => {
+                        self.pool.mark_unhealthy(&w, &e.to_string());
+                        self.refused.get_or_insert(e);
                     }
-                    _ => self.pool.mark_unhealthy(&w, s.message()),
+                    _ => self.pool.mark_unhealthy(&w, &e.to_string()),
                 }
                 None
             }
@@ -110,7 +117,7 @@ impl PooledDraft {
     }
 
     fn detached() -> EngineError {
-        EngineError::Unavailable("draft-service", "no draft worker session".into())
+        EngineError::unavailable("draft-service", "no draft worker session")
     }
 }
 
@@ -142,9 +149,8 @@ impl DraftSide for PooledDraft {
         if let Some((mut d, lease)) = self.current.take() {
             let why = d
                 .failure
-                .0
                 .take()
-                .map_or_else(|| "session failed".to_string(), |s| s.message().to_string());
+                .unwrap_or_else(|| "session failed".to_string());
             self.pool.mark_unhealthy(&lease.worker, &why);
             exclude.push(lease.worker.address.clone());
             metrics::counter!("duo_orchestrator_draft_failovers_total").increment(1);

@@ -1,22 +1,22 @@
 //! One generation across the two services: admission (the generation
 //! limiter, a draft session from the pool, a target session), the core's
-//! loop ([`session::run`]) on a blocking thread with the remote sides, and
+//! loop ([`driver::run`]) on a blocking thread with the remote sides, and
 //! its output to a unary or streaming client.
 
 use std::time::Instant;
 
-use duo_core::engine::session::{self, GenerateParams, Limits};
+use duo_core::engine::driver::{self, GenerateParams, Limits};
 use duo_core::engine::{DraftSide, Generation, Mode};
 use duo_rpc::convert::{finish_to_pb, mode_from_pb, stats_to_pb};
 use duo_rpc::pb;
+use duo_rpc::status::engine_status;
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::failover::PooledDraft;
 use crate::limits::session_max_context;
-use crate::remote::RemoteTarget;
+use crate::remote::{RemoteTarget, Side};
 use crate::service::Orchestrator;
-use crate::status::{engine_status, target_status};
 use crate::telemetry::{self, Abandoned};
 
 /// Where a generation's output goes.
@@ -86,7 +86,7 @@ impl Orchestrator {
         let this = self.clone();
         let started = Instant::now();
         let span = tracing::Span::current();
-        let (gen_result, failure, budget, workers) = tokio::task::spawn_blocking(move || {
+        let (gen_result, budget, workers) = tokio::task::spawn_blocking(move || {
             let _request = span.enter();
             let _slot = slot;
             let mut target = target;
@@ -113,7 +113,7 @@ impl Orchestrator {
                 }
                 alive
             };
-            let res = session::run(
+            let res = driver::run(
                 &mut target,
                 draft.as_mut().map(|d| d as &mut dyn DraftSide),
                 &st.tokenizer,
@@ -123,21 +123,17 @@ impl Orchestrator {
                 &params,
                 &mut sink,
             );
-            let failure = target.failure.0.take();
             let workers = draft.map(|d| d.workers.join(",")).unwrap_or_default();
-            (res, failure, budget, workers)
+            (res, budget, workers)
         })
         .await
         .map_err(|e| Status::internal(format!("generation task failed: {e}")))?;
         *st.budget.lock().unwrap_or_else(|p| p.into_inner()) = budget;
-        match (gen_result, failure) {
-            (Ok(g), _) => {
-                telemetry::record_generation(&g);
-                Ok((g, workers))
-            }
-            (Err(_), Some(s)) => Err(target_status(&st.target_address, s)),
-            (Err(e), None) => Err(engine_status(e)),
-        }
+        // A side's failure keeps its kind (e.g. the target's
+        // RESOURCE_EXHAUSTED), see `remote::Side::error`.
+        let g = gen_result.map_err(engine_status)?;
+        telemetry::record_generation(&g);
+        Ok((g, workers))
     }
 
     /// The generation's draft session: none in autoregressive mode; else a
@@ -179,7 +175,8 @@ impl Orchestrator {
     }
 
     /// The generation's target session, its KV cache sized by
-    /// [`session_max_context`]; a failure as [`target_status`] says.
+    /// [`session_max_context`]; a refusal keeps the target's status, any
+    /// other failure is UNAVAILABLE ([`Side::error`]).
     async fn open_target(
         &self,
         prompt: &[u32],
@@ -189,6 +186,7 @@ impl Orchestrator {
         let st = &self.0;
         let (target, _) = RemoteTarget::open(
             st.target.clone(),
+            Side::target(&st.target_address),
             pb::OpenTarget {
                 vocab_size: limits.vocab_size as u32,
                 tokenizer_fingerprint: st.fingerprint.clone(),
@@ -202,7 +200,7 @@ impl Orchestrator {
             st.target_timeout,
         )
         .await
-        .map_err(|s| target_status(&st.target_address, s))?;
+        .map_err(engine_status)?;
         Ok(target)
     }
 

@@ -11,11 +11,13 @@
 //! - `validate`: a request to the core's parameters, checked.
 //! - `limits`: the model limits, learned from the target.
 //! - `generate`: one generation: admission, the loop, its output.
-//! - `status`: errors as the client sees them.
 //! - `health`: the orchestrator's own health.
 //! - [`openai`]: the OpenAI-compatible HTTP API.
 //! - [`pool`]: the draft worker pool; `failover`: a generation's draft
-//!   moving between workers; `remote`: the core's two seams over gRPC.
+//!   moving between workers; `remote`: the core's two seams over gRPC (a
+//!   worker's status read back as the core's error kind, once). Errors
+//!   reach clients through `duo_rpc::status::engine_status` (gRPC) and
+//!   `openai::error::status_error` (HTTP).
 //! - `telemetry`: the Prometheus metrics; `hold`: a test seam.
 
 mod args;
@@ -29,7 +31,6 @@ pub mod pool;
 mod remote;
 mod server;
 mod service;
-mod status;
 mod telemetry;
 mod validate;
 

@@ -5,13 +5,14 @@
 
 use std::sync::Mutex;
 
-use duo_core::engine::session::{self, GenerateParams, Limits};
-use duo_core::spec::budget::BudgetController;
+use duo_core::engine::driver::{self, GenerateParams, Limits};
+use duo_core::speculative::budget::BudgetController;
 use duo_rpc::pb;
+use duo_rpc::status::engine_status;
 use tonic::Status;
 
+use crate::remote::Side;
 use crate::service::{Orchestrator, State};
-use crate::status::target_status;
 
 impl Orchestrator {
     /// Model limits, learned from the target on first use.
@@ -37,7 +38,7 @@ impl Orchestrator {
             .clone()
             .describe(pb::DescribeRequest {})
             .await
-            .map_err(|s| target_status(&self.0.target_address, s))?
+            .map_err(|s| engine_status(Side::target(&self.0.target_address).error(&s)))?
             .into_inner();
         check_worker(&self.0, &info)?;
         Ok(info)
@@ -48,7 +49,7 @@ impl Orchestrator {
         let model = info.model.clone().unwrap_or_default();
         let limits = Limits {
             context_len: if model.context_len == 0 {
-                session::DEFAULT_CONTEXT_LEN
+                driver::DEFAULT_CONTEXT_LEN
             } else {
                 model.context_len as usize
             },

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use duo_core::spec::budget::{BudgetConfig, BudgetController};
+use duo_core::speculative::budget::{BudgetConfig, BudgetController};
 use duo_core::tokenizer::Tokenizer;
 use duo_rpc::pb;
 use duo_rpc::pb::generation_server::GenerationServer;

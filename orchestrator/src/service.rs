@@ -6,8 +6,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use duo_core::engine::session::Limits;
-use duo_core::spec::budget::BudgetController;
+use duo_core::engine::driver::Limits;
+use duo_core::speculative::budget::BudgetController;
 use duo_core::tokenizer::Tokenizer;
 use duo_rpc::convert::{finish_to_pb, stats_to_pb};
 use duo_rpc::pb;

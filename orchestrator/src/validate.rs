@@ -3,14 +3,14 @@
 //! limits, or INVALID_ARGUMENT naming what to fix. The HTTP API
 //! ([`crate::openai`]) goes through the same checks.
 
-use duo_core::engine::session::{self, GenerateParams, Limits};
+use duo_core::engine::driver::{self, GenerateParams, Limits};
 use duo_core::sampling::SamplingParams;
 use duo_rpc::convert::mode_from_pb;
 use duo_rpc::pb::{self, generate_request};
+use duo_rpc::status::engine_status;
 use tonic::Status;
 
 use crate::service::Orchestrator;
-use crate::status::engine_status;
 
 /// Most stop sequences per request, and their longest length in bytes.
 pub(crate) const MAX_STOP_SEQUENCES: usize = 16;
@@ -89,7 +89,7 @@ impl Orchestrator {
     ) -> Result<(Vec<u32>, GenerateParams, Limits), Status> {
         let limits = self.limits().await?;
         let (prompt, params) = self.parse(req)?;
-        session::validate(&prompt, &params, &limits).map_err(engine_status)?;
+        driver::validate(&prompt, &params, &limits).map_err(engine_status)?;
         Ok((prompt, params, limits))
     }
 }

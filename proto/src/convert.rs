@@ -3,9 +3,9 @@
 use duo_core::engine::{DraftTree, Mode, Stats};
 use duo_core::runtime::ModelInfo;
 use duo_core::sampling::{Distribution, SamplingParams};
-use duo_core::spec::round::DraftSync;
-use duo_core::spec::stop::FinishReason;
-use duo_core::spec::verify::MAX_PROPOSAL_ENTRIES;
+use duo_core::speculative::round::DraftSync;
+use duo_core::speculative::stop::FinishReason;
+use duo_core::speculative::verify::MAX_PROPOSAL_ENTRIES;
 
 use crate::pb;
 

@@ -1,11 +1,12 @@
 //! DuoDecoding gRPC: the generated `duo.v1` code ([`pb`]), conversions
 //! between it and the core's types ([`convert`]), and the plumbing every
 //! service shares ([`serve`]: logging, health, reflection, graceful
-//! shutdown, session limits).
+//! shutdown, session limits; [`status`]: errors as gRPC statuses).
 
 pub mod convert;
 pub mod metrics;
 pub mod serve;
+pub mod status;
 pub mod worker;
 
 /// Generated protocol code (`proto/duo/v1/duo.proto`).

@@ -1,13 +1,14 @@
 //! What the draft and target workers share: loading the model with its
-//! `WorkerInfo`, checking a caller's tokenizer, and mapping runtime errors
-//! to gRPC statuses.
+//! `WorkerInfo`, checking a caller's tokenizer, and reading session
+//! streams (a runtime error becomes a status through
+//! [`crate::status::engine_status`]).
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use duo_core::engine::{check_folder_tokenizer, fit_to_tokenizer};
-use duo_core::runtime::{CausalLm, ModelOptions, RuntimeError};
+use duo_core::runtime::{CausalLm, ModelOptions};
 use duo_core::tokenizer::{Tokenizer, model_tokenizer};
 use tonic::{Status, Streaming};
 
@@ -91,14 +92,6 @@ impl LoadedWorker {
             )));
         }
         Ok(())
-    }
-}
-
-/// A runtime error as the caller should see it.
-pub fn runtime_status(e: RuntimeError) -> Status {
-    match e {
-        RuntimeError::Invalid(m) => Status::invalid_argument(m),
-        other => Status::internal(other.to_string()),
     }
 }
 

@@ -73,7 +73,7 @@ impl KvBudget {
                 per_token: bytes_per_token(info),
                 context_len: info
                     .context_len
-                    .unwrap_or(duo_core::engine::session::DEFAULT_CONTEXT_LEN),
+                    .unwrap_or(duo_core::engine::driver::DEFAULT_CONTEXT_LEN),
                 reserved: Mutex::new(0),
             }),
         }

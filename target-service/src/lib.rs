@@ -21,7 +21,8 @@ use duo_rpc::convert::proposals_from_pb;
 use duo_rpc::pb::target_server::{Target, TargetServer};
 use duo_rpc::pb::{self, target_reply, target_request};
 use duo_rpc::serve::{CommonArgs, SessionArgs, SessionLimiter, reflection_v1, reflection_v1alpha};
-use duo_rpc::worker::{LoadedWorker, next_or_close, runtime_status};
+use duo_rpc::status::engine_status;
+use duo_rpc::worker::{LoadedWorker, next_or_close};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -101,11 +102,14 @@ struct TargetSession {
     ticket: batcher::Ticket,
 }
 
+/// What a call gets before the model is loaded.
+fn still_loading() -> Status {
+    Status::unavailable("target-service is still loading its model")
+}
+
 impl TargetService {
     fn loaded(&self) -> Result<&LoadedWorker, Status> {
-        self.loaded
-            .get()
-            .ok_or_else(|| Status::unavailable("target-service is still loading its model"))
+        self.loaded.get().ok_or_else(still_loading)
     }
 
     /// One verification round of session `s`: its forward through the
@@ -132,7 +136,7 @@ impl TargetService {
             metrics::counter!("duo_target_fed_tokens_total").increment(v.fed as u64);
             metrics::histogram!("duo_target_verify_seconds").record(v.secs);
         }
-        let reply = res.map_err(runtime_status).map(|v| pb::TargetReply {
+        let reply = res.map_err(engine_status).map(|v| pb::TargetReply {
             kind: Some(target_reply::Kind::Verdict(pb::Verdict {
                 accepted: v.verdict.accepted as u32,
                 next: v.verdict.next,
@@ -162,11 +166,11 @@ fn open_session(
     let kv = svc
         .kv
         .get()
-        .ok_or_else(|| Status::unavailable("target-service is still loading its model"))?
+        .ok_or_else(still_loading)?
         .reserve(open.max_context)?;
     let lm = loaded.lm();
     let session = TargetSession {
-        verifier: Verifier::new(&lm).map_err(runtime_status)?,
+        verifier: Verifier::new(&lm).map_err(engine_status)?,
         sampling,
         rng: rng_from_seed(open.seed),
         logprobs: open.logprobs,

@@ -561,7 +561,7 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u1
 /// different tokens: a multi-token forward (verification) and a one-token
 /// forward (autoregressive) round differently, so an exact tie can flip.
 /// The same rule as `tests/greedy_equality.rs` and `duo bench`.
-pub const NEAR_TIE: f32 = duo_core::spec::verify::NEAR_TIE_GAP;
+pub const NEAR_TIE: f32 = duo_core::speculative::verify::NEAR_TIE_GAP;
 
 /// Checks a greedy output against the autoregressive reference for `prompt`
 /// (ids). Equal, or diverging only at a near-tie of the target's top-2

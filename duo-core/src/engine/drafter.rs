@@ -11,9 +11,9 @@ use serde::Serialize;
 
 use crate::runtime::{Branches, CausalLm, RuntimeError, Sequence};
 use crate::sampling::{Distribution, Rng, SamplingParams, argmax, top_softmax};
-use crate::spec::policy::{BranchPolicy, MAX_BRANCHES};
-use crate::spec::round::DraftSync;
-use crate::spec::verify::MAX_PROPOSAL_ENTRIES;
+use crate::speculative::policy::{BranchPolicy, MAX_BRANCHES};
+use crate::speculative::round::DraftSync;
+use crate::speculative::verify::MAX_PROPOSAL_ENTRIES;
 use crate::stats::Ema;
 
 /// Weight of each new step-time sample in [`StepCosts`].

@@ -2,48 +2,29 @@
 //! process, the target on the calling thread and the draft on its own
 //! thread, each optionally pinned to its own core.
 //!
-//! The speculative loop itself is [`session::run`]; this module only
+//! The speculative loop itself is [`driver::run`]; this module only
 //! provides local implementations of its two seams.
 
 pub mod drafter;
+pub mod driver;
+mod error;
 mod rounds;
-pub mod session;
 pub mod verifier;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 pub use drafter::{DraftJob, DraftTree, Drafter, proposal};
-pub use session::{
+pub use driver::{
     DraftSide, GenerateParams, Generation, Limits, Mode, Recovery, Stats, TargetSide,
 };
+pub use error::{EngineError, ErrorKind};
 pub use verifier::{Forward, TargetVerdict, Verifier, VerifyBlock, forward_batch};
 
 use crate::runtime::{CausalLm, Device, ModelOptions, RuntimeError};
 use crate::sampling::{Distribution, Rng, SamplingParams, draft_rng, rng_from_seed};
-use crate::spec::budget::{BudgetConfig, BudgetController};
-use crate::spec::round::RoundError;
-use crate::tokenizer::{Tokenizer, TokenizerError};
-
-/// Errors of a generation.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// The request cannot be served as given; the message says what to fix.
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Runtime(#[from] RuntimeError),
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
-    #[error("speculative protocol error: {0}")]
-    Protocol(#[from] RoundError),
-    /// A side (draft worker, remote service) went away.
-    #[error("{0} unavailable: {1}")]
-    Unavailable(&'static str, String),
-    /// The consumer stopped listening.
-    #[error("generation cancelled")]
-    Cancelled,
-}
+use crate::speculative::budget::{BudgetConfig, BudgetController};
+use crate::tokenizer::Tokenizer;
 
 /// Where the models are and how to run them.
 #[derive(Debug, Clone)]
@@ -175,9 +156,9 @@ impl Engine {
         &mut self,
         prompt: Vec<u32>,
         params: &GenerateParams,
-        sink: &mut session::Sink<'_>,
+        sink: &mut driver::Sink<'_>,
     ) -> Result<Generation, EngineError> {
-        session::validate(&prompt, params, &self.limits)?;
+        driver::validate(&prompt, params, &self.limits)?;
         let mut target = LocalTarget {
             verifier: Verifier::new(&self.target)?,
             lm: &mut self.target,
@@ -189,7 +170,7 @@ impl Engine {
             pin_current_thread(0);
         }
         if params.mode == Mode::Autoregressive {
-            return session::run(
+            return driver::run(
                 &mut target,
                 None,
                 &self.tokenizer,
@@ -232,7 +213,7 @@ impl Engine {
                 trees: tree_rx,
                 context_len: draft_context,
             };
-            session::run(
+            driver::run(
                 &mut target,
                 Some(&mut draft),
                 tokenizer,
@@ -343,7 +324,7 @@ pub fn check_pair(
 }
 
 /// The generation limits of `target` served with `tokenizer`: its context
-/// (or [`session::DEFAULT_CONTEXT_LEN`]), the ids in use, and every
+/// (or [`driver::DEFAULT_CONTEXT_LEN`]), the ids in use, and every
 /// end-of-text id of the model (else the tokenizer's end-of-text token).
 pub fn target_limits(target: &CausalLm, tokenizer: &Tokenizer) -> Limits {
     let t = target.info();
@@ -353,7 +334,7 @@ pub fn target_limits(target: &CausalLm, tokenizer: &Tokenizer) -> Limits {
         t.eos_token_ids.clone()
     };
     Limits {
-        context_len: t.context_len.unwrap_or(session::DEFAULT_CONTEXT_LEN),
+        context_len: t.context_len.unwrap_or(driver::DEFAULT_CONTEXT_LEN),
         vocab_size: t.vocab_size,
         eos,
     }
@@ -461,16 +442,13 @@ impl DraftSide for ThreadDraft {
     fn submit(&mut self, job: DraftJob) -> Result<(), EngineError> {
         self.jobs
             .send(job)
-            .map_err(|_| EngineError::Unavailable("draft worker", "its thread ended".into()))
+            .map_err(|_| EngineError::unavailable("draft worker", "its thread ended"))
     }
 
     fn collect(&mut self) -> Result<DraftTree, EngineError> {
         match self.trees.recv() {
             Ok(r) => Ok(r?),
-            Err(_) => Err(EngineError::Unavailable(
-                "draft worker",
-                "its thread ended".into(),
-            )),
+            Err(_) => Err(EngineError::unavailable("draft worker", "its thread ended")),
         }
     }
 }

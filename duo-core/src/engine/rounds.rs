@@ -1,4 +1,4 @@
-//! The named steps of [`session::run`](super::session::run), one
+//! The named steps of [`driver::run`](super::driver::run), one
 //! generation's speculative loop: [`GenerationLoop::start`], then
 //! [`GenerationLoop::round`] until the generation ends — each round
 //! [`prepare_draft`](GenerationLoop::prepare_draft),
@@ -12,16 +12,16 @@ use std::time::Instant;
 
 use super::EngineError;
 use super::drafter::{DraftJob, DraftTree};
-use super::session::{
+use super::driver::{
     DEFAULT_SPS_GAMMA, DraftSide, GenerateParams, Generation, Limits, Mode, Recovery, Sink, Stats,
     TargetSide,
 };
 use super::verifier::TargetVerdict;
 use crate::sampling::Distribution;
-use crate::spec::budget::BudgetController;
-use crate::spec::policy::BranchPolicy;
-use crate::spec::round::{DraftSync, Round, RoundOutcome};
-use crate::spec::stop::{FinishReason, StopConfig, Terminator};
+use crate::speculative::budget::BudgetController;
+use crate::speculative::policy::BranchPolicy;
+use crate::speculative::round::{DraftSync, Round, RoundOutcome};
+use crate::speculative::stop::{FinishReason, StopConfig, Terminator};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// The loop's view of its draft's health.
@@ -33,14 +33,16 @@ struct DraftHealth {
 
 impl DraftHealth {
     /// Handles a failed draft call: `Ok` to go on without this round's
-    /// draft, `Err` to end the generation.
+    /// draft, `Err` to end the generation. A failure of the side (its
+    /// worker gone, hung, or refusing a job: [`EngineError::Side`], of any
+    /// kind) is recovered from; any other error ends the generation.
     fn failed(
         &mut self,
         d: &mut dyn DraftSide,
         e: EngineError,
         stats: &mut Stats,
     ) -> Result<(), EngineError> {
-        if !matches!(e, EngineError::Unavailable(..)) {
+        if !matches!(e, EngineError::Side { .. }) {
             return Err(e);
         }
         let recovery = d.recover();

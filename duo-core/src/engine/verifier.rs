@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use crate::runtime::{BatchItem, CausalLm, Logits, RuntimeError, Sequence};
 use crate::sampling::{Distribution, Rng, SamplingParams, log_softmax_at};
-use crate::spec::verify::{ChainVerdict, verify_deterministic, verify_sampled};
+use crate::speculative::verify::{ChainVerdict, verify_deterministic, verify_sampled};
 
 /// The target's answer for one round.
 #[derive(Debug, Clone)]
@@ -69,8 +69,7 @@ impl Forward {
             verify_deterministic(&dists, &self.tail, rng)
         } else {
             verify_sampled(&dists, &self.tail, proposals, rng)
-        }
-        .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        }?;
         let logprobs = if want_logprobs {
             self.tail[..verdict.accepted]
                 .iter()

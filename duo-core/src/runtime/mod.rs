@@ -36,6 +36,10 @@ pub enum RuntimeError {
     /// A call that breaks the runtime's contract (e.g. empty input, too long a context).
     #[error("invalid model call: {0}")]
     Invalid(String),
+    /// The block's tail cannot be verified against its proposals (e.g. one
+    /// distribution too few, or a drafted token its proposal rules out).
+    #[error(transparent)]
+    Verify(#[from] crate::speculative::verify::VerifyError),
     /// ONNX Runtime failed while running the model.
     #[error("ONNX Runtime: {0}")]
     Ort(String),

@@ -107,3 +107,59 @@ pub(super) fn refuse(param: impl Into<String>, msg: impl Into<String>) -> ApiErr
         ..bad(msg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_openai_errors_once() {
+        let cases = [
+            (Code::InvalidArgument, 400, "invalid_request_error"),
+            (Code::FailedPrecondition, 500, "server_error"),
+            (Code::ResourceExhausted, 429, "rate_limit_error"),
+            (Code::Unavailable, 503, "service_unavailable"),
+            (Code::DeadlineExceeded, 408, "timeout"),
+            (Code::Cancelled, 408, "timeout"),
+            (Code::Internal, 500, "server_error"),
+            (Code::Unknown, 500, "server_error"),
+        ];
+        for (code, http, kind) in cases {
+            let e = status_error(Status::new(code, "the side's words"), false);
+            assert_eq!((e.status.as_u16(), e.kind), (http, kind), "{code:?}");
+            assert_eq!(e.message, "the side's words");
+        }
+    }
+
+    #[test]
+    fn a_bad_request_names_the_field_as_this_api_spells_it() {
+        let e = status_error(
+            Status::invalid_argument("max_new_tokens must be at least 1"),
+            true,
+        );
+        assert_eq!(e.message, "max_tokens must be at least 1");
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        let e = status_error(Status::invalid_argument("the prompt is empty"), true);
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = status_error(Status::resource_exhausted("the prompt is long"), false);
+        assert_eq!(e.param, None, "only a 400 names a field");
+    }
+
+    #[test]
+    fn overload_and_unavailability_say_when_to_retry() {
+        for (code, retry) in [
+            (Code::ResourceExhausted, true),
+            (Code::Unavailable, true),
+            (Code::InvalidArgument, false),
+        ] {
+            let resp = status_error(Status::new(code, "x"), false).into_response();
+            assert_eq!(
+                resp.headers()
+                    .get(axum::http::header::RETRY_AFTER)
+                    .is_some(),
+                retry,
+                "{code:?}"
+            );
+        }
+    }
+}

@@ -13,8 +13,8 @@ use super::drafter::{DraftJob, DraftTree};
 use super::rounds::GenerationLoop;
 use super::verifier::TargetVerdict;
 use crate::sampling::{Distribution, SamplingParams};
-use crate::spec::budget::{BudgetController, BudgetReport};
-use crate::spec::stop::FinishReason;
+use crate::speculative::budget::{BudgetController, BudgetReport};
+use crate::speculative::stop::FinishReason;
 use crate::tokenizer::Tokenizer;
 
 /// Decoding mode.
@@ -199,9 +199,9 @@ pub enum Recovery {
 pub trait DraftSide {
     fn submit(&mut self, job: DraftJob) -> Result<(), EngineError>;
     fn collect(&mut self) -> Result<DraftTree, EngineError>;
-    /// Called after `submit` or `collect` failed with
-    /// [`EngineError::Unavailable`], and again each round while the side is
-    /// not ready. A side that can move to another worker does so here.
+    /// Called after `submit` or `collect` failed with a side error
+    /// ([`EngineError::Side`]), and again each round while the side is not
+    /// ready. A side that can move to another worker does so here.
     /// Default: failures are fatal.
     fn recover(&mut self) -> Recovery {
         Recovery::GiveUp
@@ -276,10 +276,10 @@ pub fn validate(
     {
         return bad(format!("gamma must be between 1 and {MAX_GAMMA}, got {g}"));
     }
-    if !(1..=crate::spec::policy::MAX_BRANCHES).contains(&params.max_branches) {
+    if !(1..=crate::speculative::policy::MAX_BRANCHES).contains(&params.max_branches) {
         return bad(format!(
             "max_branches must be between 1 and {}, got {}",
-            crate::spec::policy::MAX_BRANCHES,
+            crate::speculative::policy::MAX_BRANCHES,
             params.max_branches
         ));
     }
