@@ -260,12 +260,7 @@ impl Editor {
                 e.insert((self.load)(&onnx_graph::model_bytes(graph, EDIT_OPSET))?)
             }
         };
-        let outputs: Vec<(&str, &MemoryInfo<'_>)> = self
-            .outputs
-            .iter()
-            .map(|o| (o.as_str(), &self.placement.device))
-            .collect();
-        run_bound(session, &inputs, &outputs)
+        self.run_to_device(session, &inputs)
     }
 
     /// Every tensor (batch 1) repeated into `k` batch rows.
@@ -315,12 +310,21 @@ impl Editor {
             .zip(kv.iter())
             .collect();
         inputs.extend_from_slice(args);
+        self.run_to_device(session, &inputs)
+    }
+
+    /// Runs an edit graph with every output (`y{i}`) bound to the device.
+    fn run_to_device(
+        &self,
+        session: &mut Session,
+        inputs: &[(&str, &DynValue)],
+    ) -> Result<Vec<DynValue>, RuntimeError> {
         let outputs: Vec<(&str, &MemoryInfo<'_>)> = self
             .outputs
             .iter()
             .map(|o| (o.as_str(), &self.placement.device))
             .collect();
-        run_bound(session, &inputs, &outputs)
+        run_bound(session, inputs, &outputs)
     }
 }
 

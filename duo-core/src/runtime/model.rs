@@ -143,10 +143,11 @@ impl Logits {
 }
 
 /// Largest logit difference between a block forward and single steps that
-/// counts as float rounding, for an fp32 model ([`CausalLm::batch_dependence`]).
-pub const BATCH_TOLERANCE_F32: f32 = 1e-3;
+/// counts as float rounding, for an fp32 model ([`CausalLm::batch_dependence`]):
+/// the near-tie gap, which is defined by that same rounding.
+pub const BATCH_TOLERANCE_F32: f32 = crate::speculative::verify::NEAR_TIE_GAP;
 /// The same for an fp16 model (its rounding is coarser).
-pub const BATCH_TOLERANCE_F16: f32 = 0.05;
+pub const BATCH_TOLERANCE_F16: f32 = crate::speculative::verify::FP16_NEAR_TIE_GAP;
 
 /// What [`CausalLm::batch_dependence`] measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -476,20 +477,13 @@ impl CausalLm {
         for (name, v) in self.past_names.iter().zip(&past) {
             inputs.push((name.as_str(), v));
         }
-        let placement = self.editor.placement();
-        let mut outputs: Vec<(&str, &ort::memory::MemoryInfo<'_>)> =
-            Vec::with_capacity(1 + self.present_names.len());
-        outputs.push(("logits", &placement.device));
-        for name in &self.present_names {
-            outputs.push((name.as_str(), &placement.device));
-        }
-        let mut out = run_bound(&mut self.session, &inputs, &outputs)?.into_iter();
-        let Some(logits) = out.next() else {
-            return Err(RuntimeError::Ort(
-                "model produced no `logits` output".into(),
-            ));
-        };
-        let present: Vec<DynValue> = out.collect();
+        let (logits, present) = forward_bound(
+            &mut self.session,
+            &self.editor,
+            &self.present_names,
+            &inputs,
+            false,
+        )?;
         // Cut every item out of the batch before changing any sequence.
         let mut cut = Vec::with_capacity(batch);
         for (b, item) in items.iter().enumerate() {
@@ -594,26 +588,14 @@ impl CausalLm {
         for (name, v) in self.past_names.iter().zip(&kv.values) {
             inputs.push((name.as_str(), v));
         }
-        let placement = self.editor.placement();
         let all_rows = rows >= seq;
-        let logits_to = if all_rows {
-            &placement.host
-        } else {
-            &placement.device
-        };
-        let mut outputs: Vec<(&str, &ort::memory::MemoryInfo<'_>)> =
-            Vec::with_capacity(1 + self.present_names.len());
-        outputs.push(("logits", logits_to));
-        for name in &self.present_names {
-            outputs.push((name.as_str(), &placement.device));
-        }
-        let mut out = run_bound(&mut self.session, &inputs, &outputs)?.into_iter();
-        let Some(logits) = out.next() else {
-            return Err(RuntimeError::Ort(
-                "model produced no `logits` output".into(),
-            ));
-        };
-        let present: Vec<DynValue> = out.collect();
+        let (logits, present) = forward_bound(
+            &mut self.session,
+            &self.editor,
+            &self.present_names,
+            &inputs,
+            all_rows,
+        )?;
         let logits = if all_rows {
             logits
         } else {
@@ -625,6 +607,37 @@ impl CausalLm {
         self.traffic.to_host_bytes += logits.host_bytes as u64;
         Ok((logits, present))
     }
+}
+
+/// Runs a model `session` on `inputs` with the new cache (`present.*`) bound to
+/// the device and the logits to host memory when `logits_to_host`
+/// (every row is wanted), else to the device (rows are selected there).
+fn forward_bound(
+    session: &mut Session,
+    editor: &Editor,
+    present_names: &[String],
+    inputs: &[(&str, &DynValue)],
+    logits_to_host: bool,
+) -> Result<(DynValue, Vec<DynValue>), RuntimeError> {
+    let placement = editor.placement();
+    let logits_to = if logits_to_host {
+        &placement.host
+    } else {
+        &placement.device
+    };
+    let mut outputs: Vec<(&str, &ort::memory::MemoryInfo<'_>)> =
+        Vec::with_capacity(1 + present_names.len());
+    outputs.push(("logits", logits_to));
+    for name in present_names {
+        outputs.push((name.as_str(), &placement.device));
+    }
+    let mut out = run_bound(session, inputs, &outputs)?.into_iter();
+    let Some(logits) = out.next() else {
+        return Err(RuntimeError::Ort(
+            "model produced no `logits` output".into(),
+        ));
+    };
+    Ok((logits, out.collect()))
 }
 
 /// A session builder for `device` with the runtime's settings: full graph
