@@ -1,6 +1,8 @@
 //! Running decoder-only ONNX models step by step with their KV cache.
 //!
 //! - [`env`]: loading the ONNX Runtime library.
+//! - [`discover`]: what a model is before it runs: which ONNX file a path
+//!   names, what its config files declare, what its graph says.
 //! - [`model`]: [`CausalLm`], a model in the Hugging Face Optimum convention
 //!   whose shape (layers, KV heads, head dim, KV dtype, vocabulary) is
 //!   discovered from the graph.
@@ -10,6 +12,7 @@
 //! - [`kv`]: [`Sequence`] (one context and its cache: append, truncate) and
 //!   [`Branches`] (k continuations forked from one sequence, run as a batch).
 
+pub mod discover;
 pub mod edit;
 pub mod env;
 pub mod kv;
