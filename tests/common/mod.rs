@@ -213,6 +213,69 @@ pub async fn start(draft_tokenizers: &[PathBuf]) -> Deployment {
     .await
 }
 
+/// An orchestrator for a deployment's workers: `--target`, a `--draft` for
+/// each of `static_drafts`, `--tokenizer`, then `flags`.
+struct Orchestrator<'a> {
+    target: SocketAddr,
+    static_drafts: &'a [SocketAddr],
+    tokenizer: &'a Path,
+    flags: &'a [String],
+    seams: orchestrator::Seams,
+}
+
+impl Orchestrator<'_> {
+    /// Serves it in process (gRPC and HTTP on port 0) until `rx` turns
+    /// true, and returns the deployment of it, `target` and `drafts` once
+    /// it answers `Info`.
+    async fn start(
+        self,
+        drafts: Vec<SocketAddr>,
+        stop: watch::Sender<bool>,
+        rx: watch::Receiver<bool>,
+    ) -> Deployment {
+        let (ol, orchestrator) = listener().await;
+        let (hl, http) = listener().await;
+        let mut o = vec![
+            s("--listen"),
+            s(orchestrator),
+            s("--target"),
+            format!("http://{}", self.target),
+            s("--tokenizer"),
+            s(self.tokenizer.display()),
+            s("--http-listen"),
+            s(http),
+        ];
+        for d in self.static_drafts {
+            o.extend([s("--draft"), format!("http://{d}")]);
+        }
+        o.extend(self.flags.iter().cloned());
+        let gate = self.seams.hold.clone();
+        tokio::spawn(orchestrator::serve_with(
+            parse("orchestrator", &o),
+            ol,
+            Some(hl),
+            duo_rpc::serve::stopped(&rx),
+            self.seams,
+        ));
+        let dep = Deployment {
+            orchestrator,
+            http,
+            target: self.target,
+            drafts,
+            stop,
+            stop_rx: rx,
+            gate,
+        };
+        let client = dep.client().await;
+        wait_until(60, "the orchestrator answers Info", || {
+            let mut c = client.clone();
+            async move { c.info(duo_rpc::pb::InfoRequest {}).await.is_ok() }
+        })
+        .await;
+        dep
+    }
+}
+
 /// Starts a deployment as `setup` says; returns once the orchestrator
 /// answers `Info`.
 pub async fn start_with(setup: Setup) -> Deployment {
@@ -244,51 +307,19 @@ pub async fn start_with(setup: Setup) -> Deployment {
     for dt in &setup.draft_tokenizers {
         drafts.push(spawn_draft(dt, &setup.draft_flags, &rx).await);
     }
-    let (ol, orchestrator) = listener().await;
-    let (hl, http) = listener().await;
-    let mut o = vec![
-        s("--listen"),
-        s(orchestrator),
-        s("--target"),
-        format!("http://{target}"),
-        s("--tokenizer"),
-        s(tok.display()),
-        s("--http-listen"),
-        s(http),
-    ];
-    if !setup.no_static_drafts {
-        for d in &drafts {
-            o.extend([s("--draft"), format!("http://{d}")]);
-        }
-    }
-    o.extend(setup.orchestrator_flags.iter().cloned());
+    let static_drafts: &[SocketAddr] = if setup.no_static_drafts { &[] } else { &drafts };
     let mut seams = orchestrator::Seams::default();
     if let Some(r) = setup.resolver {
         seams.resolver = r;
     }
-    let gate = seams.hold.clone();
-    tokio::spawn(orchestrator::serve_with(
-        parse("orchestrator", &o),
-        ol,
-        Some(hl),
-        duo_rpc::serve::stopped(&rx),
-        seams,
-    ));
-    let dep = Deployment {
-        orchestrator,
-        http,
+    let orchestrator = Orchestrator {
         target,
-        drafts,
-        stop,
-        stop_rx: rx,
-        gate,
+        static_drafts,
+        tokenizer: &tok,
+        flags: &setup.orchestrator_flags,
+        seams,
     };
-    let client = dep.client().await;
-    wait_until(60, "the orchestrator answers Info", || {
-        let mut c = client.clone();
-        async move { c.info(duo_rpc::pb::InfoRequest {}).await.is_ok() }
-    })
-    .await;
+    let dep = orchestrator.start(drafts.clone(), stop, rx).await;
     // Every draft worker probed after loading its model (a worker still
     // loading is out of the rotation, and generations would run
     // target-only).
@@ -651,47 +682,14 @@ pub async fn start_models(target: &Path, drafts: &[PathBuf], tokenizer: &Path) -
         ));
         addrs.push(a);
     }
-    let (ol, orchestrator) = listener().await;
-    let (hl, http) = listener().await;
-    let mut o = vec![
-        s("--listen"),
-        s(orchestrator),
-        s("--target"),
-        format!("http://{t}"),
-        s("--tokenizer"),
-        s(tokenizer.display()),
-        s("--http-listen"),
-        s(http),
-        s("--health-interval-ms"),
-        s(100),
-    ];
-    for a in &addrs {
-        o.extend([s("--draft"), format!("http://{a}")]);
-    }
-    let seams = orchestrator::Seams::default();
-    let gate = seams.hold.clone();
-    tokio::spawn(orchestrator::serve_with(
-        parse("orchestrator", &o),
-        ol,
-        Some(hl),
-        duo_rpc::serve::stopped(&rx),
-        seams,
-    ));
-    let dep = Deployment {
-        orchestrator,
-        http,
+    let orchestrator = Orchestrator {
         target: t,
-        drafts: addrs,
-        stop,
-        stop_rx: rx,
-        gate,
+        static_drafts: &addrs,
+        tokenizer,
+        flags: &[s("--health-interval-ms"), s(100)],
+        seams: orchestrator::Seams::default(),
     };
-    let client = dep.client().await;
-    wait_until(60, "the orchestrator answers Info", || {
-        let mut c = client.clone();
-        async move { c.info(duo_rpc::pb::InfoRequest {}).await.is_ok() }
-    })
-    .await;
+    let dep = orchestrator.start(addrs.clone(), stop, rx).await;
     wait_until(60, "every draft worker probed", || async {
         let pool = pool(&dep).await;
         pool.len() == drafts.len()
