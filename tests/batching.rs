@@ -47,16 +47,6 @@ async fn run(mut client: Client, req: pb::GenerateRequest) -> Vec<u32> {
         .token_ids
 }
 
-/// Sum of the samples named `name` in a Prometheus text exposition.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.strip_prefix(name))
-        .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_generations_equal_their_solo_runs() {
     let dep = common::start_with(Setup::drafts(1)).await;
@@ -105,8 +95,8 @@ async fn concurrent_generations_equal_their_solo_runs() {
     eprintln!("{near_ties} near-tie divergences under batching");
     // The target did batch: some forward carried more than one session.
     let m = common::http_get(dep.http, "/metrics").await;
-    let sessions = metric(&m, "duo_target_batch_sessions_sum");
-    let forwards = metric(&m, "duo_target_batch_sessions_count");
+    let sessions = common::metric_sum(&m, "duo_target_batch_sessions_sum", "");
+    let forwards = common::metric_sum(&m, "duo_target_batch_sessions_count", "");
     assert!(
         forwards > 0.0 && sessions > forwards,
         "no batched forward: {sessions} sessions in {forwards} forwards"

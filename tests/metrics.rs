@@ -6,19 +6,7 @@ mod common;
 use common::{Setup, greedy};
 use duo_rpc::pb::Mode;
 
-/// Sum of every sample of `name` (all label sets) whose labels contain
-/// `filter`.
-fn sum(text: &str, name: &str, filter: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use common::metric_sum as sum;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_are_exposed_and_add_up() {

@@ -700,3 +700,17 @@ pub async fn start_models(target: &Path, drafts: &[PathBuf], tokenizer: &Path) -
     .await;
     dep
 }
+
+/// Sum of every sample of `name` (all label sets) whose labels contain
+/// `filter`, in a Prometheus text exposition.
+pub fn metric_sum(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -219,9 +219,9 @@ pub fn forward_batch(
     };
     let mut chosen: Vec<&mut VerifyBlock<'_>> = blocks
         .iter_mut()
-        .enumerate()
-        .filter(|(i, _)| ready.contains(i))
-        .map(|(_, b)| b)
+        .zip(&results)
+        .filter(|(_, r)| r.is_none())
+        .map(|(b, _)| b)
         .collect();
     let logits: Vec<Result<Logits, RuntimeError>> = match run(lm, &mut chosen) {
         Ok(all) => all.into_iter().map(Ok).collect(),

@@ -409,6 +409,10 @@ impl CausalLm {
         &mut self,
         items: &mut [BatchItem<'_>],
     ) -> Result<Vec<Logits>, RuntimeError> {
+        if let [item] = items {
+            // The solo forward, which checks its own call.
+            return Ok(vec![self.extend_last(item.seq, item.tokens, item.rows)?]);
+        }
         for (i, item) in items.iter().enumerate() {
             if item.tokens.is_empty() {
                 return Err(RuntimeError::Invalid(format!(
@@ -417,7 +421,7 @@ impl CausalLm {
             }
             self.check_call(item.seq.len() + item.tokens.len(), item.tokens)?;
         }
-        if items.len() <= 1 || !self.info.has_position_ids {
+        if items.is_empty() || !self.info.has_position_ids {
             return items
                 .iter_mut()
                 .map(|item| self.extend_last(item.seq, item.tokens, item.rows))
