@@ -25,14 +25,19 @@ pub struct BenchArgs {
     per_category: usize,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
-    /// γ for speculative mode.
-    #[arg(long, default_value_t = duo_core::engine::driver::DEFAULT_SPS_GAMMA)]
-    sps_gamma: usize,
+    /// γ for speculative mode; several (`4,6,8`) run SpS at each, and the
+    /// fastest is the `best_sps` baseline (`duo_over_best_sps`); the first
+    /// is `duo_over_sps`'s.
+    #[arg(long, value_delimiter = ',', default_values_t = [duo_core::engine::driver::DEFAULT_SPS_GAMMA, 6, 8])]
+    sps_gamma: Vec<usize>,
     /// Fixed γ for duodecoding (default: the budget controller decides).
     #[arg(long)]
     duo_gamma: Option<usize>,
     #[arg(long, default_value_t = 4)]
     max_branches: usize,
+    /// Most hedges per duodecoding round (0 = no hedged drafting).
+    #[arg(long, default_value_t = duo_core::engine::driver::DEFAULT_MAX_HEDGES)]
+    max_hedges: usize,
     /// Sampling (temperature 0 = greedy: then the modes' outputs are
     /// checked for identity; at T > 0 they are samples and are not).
     #[command(flatten)]
@@ -74,6 +79,10 @@ struct ModeTotals {
     runs: usize,
     k_rounds: std::collections::BTreeMap<usize, usize>,
     draft_wire_bytes: usize,
+    hedges: usize,
+    hedge_hits: usize,
+    single_token_rounds: usize,
+    round_kinds: std::collections::BTreeMap<&'static str, duo_core::engine::driver::KindCount>,
 }
 
 impl ModeTotals {
@@ -95,6 +104,18 @@ impl ModeTotals {
         for (k, n) in &s.k_hist {
             *self.k_rounds.entry(*k).or_default() += n;
         }
+        self.hedges += s.hedges;
+        self.hedge_hits += s.hedge_hits;
+        self.single_token_rounds += s.single_token_rounds;
+        for (kind, c) in &s.round_kinds {
+            let e = self.round_kinds.entry(kind.as_str()).or_default();
+            e.rounds += c.rounds;
+            e.tokens += c.tokens;
+        }
+    }
+    /// Rounds that committed one token, over all rounds.
+    fn single_token_fraction(&self) -> f64 {
+        self.single_token_rounds as f64 / self.rounds.max(1) as f64
     }
     fn tokens_per_s(&self) -> f64 {
         self.tokens as f64 / (self.total_ms / 1e3).max(1e-9)
@@ -125,6 +146,12 @@ impl ModeTotals {
             "gamma_mean": self.gamma_sum / self.runs.max(1) as f64,
             "k_rounds": self.k_rounds,
             "draft_wire_bytes_per_round": self.wire_bytes_per_round(),
+            "hedges": self.hedges,
+            "hedge_hits": self.hedge_hits,
+            "single_token_round_fraction": self.single_token_fraction(),
+            "tokens_per_round_by_kind": self.round_kinds.iter().map(|(k, c)| {
+                (k.to_string(), json!({"rounds": c.rounds, "tokens_per_round": c.tokens as f64 / c.rounds.max(1) as f64}))
+            }).collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -207,16 +234,70 @@ pub(crate) fn read_prompts(
     Ok(out)
 }
 
+/// One mode of the comparison: speculative mode runs once per γ asked for.
+#[derive(Clone, Copy)]
+struct Run {
+    mode: Mode,
+    /// Speculative mode's γ.
+    sps_gamma: usize,
+}
+
+impl Run {
+    fn label(&self) -> String {
+        match self.mode {
+            Mode::Speculative => format!("sps γ={}", self.sps_gamma),
+            m => m.to_string(),
+        }
+    }
+}
+
+/// The runs: autoregressive, speculative at each γ, duodecoding (last).
+fn runs(args: &BenchArgs) -> Vec<Run> {
+    let first = first_sps_gamma(args);
+    let mut runs = vec![Run {
+        mode: Mode::Autoregressive,
+        sps_gamma: first,
+    }];
+    runs.extend(args.sps_gamma.iter().map(|&g| Run {
+        mode: Mode::Speculative,
+        sps_gamma: g,
+    }));
+    runs.push(Run {
+        mode: Mode::Duodecoding,
+        sps_gamma: first,
+    });
+    runs
+}
+
+fn first_sps_gamma(args: &BenchArgs) -> usize {
+    args.sps_gamma
+        .first()
+        .copied()
+        .unwrap_or(duo_core::engine::driver::DEFAULT_SPS_GAMMA)
+}
+
 fn params(args: &BenchArgs, mode: Mode) -> GenerateParams {
+    run_params(
+        args,
+        Run {
+            mode,
+            sps_gamma: first_sps_gamma(args),
+        },
+    )
+}
+
+fn run_params(args: &BenchArgs, run: Run) -> GenerateParams {
+    let mode = run.mode;
     GenerateParams {
         max_new_tokens: args.max_new_tokens,
         mode,
         gamma: match mode {
-            Mode::Speculative => Some(args.sps_gamma),
+            Mode::Speculative => Some(run.sps_gamma),
             Mode::Duodecoding => args.duo_gamma,
             Mode::Autoregressive => None,
         },
         max_branches: args.max_branches,
+        max_hedges: args.max_hedges,
         sampling: args.sampling.params(),
         greedy_drafts: args.sampling.greedy_drafts(),
         ..GenerateParams::default()
@@ -318,25 +399,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let modes = [Mode::Autoregressive, Mode::Speculative, Mode::Duodecoding];
+    let runs = runs(&args);
     // Warm-up (also warms the budget controller's estimates).
-    for m in modes {
-        engine.generate(prompts[0].ids.clone(), &params(&args, m), &mut |_, _, _| {
-            true
-        })?;
+    for r in &runs {
+        engine.generate(
+            prompts[0].ids.clone(),
+            &run_params(&args, *r),
+            &mut |_, _, _| true,
+        )?;
     }
-    let mut totals: Vec<ModeTotals> = vec![ModeTotals::default(); 3];
+    let mut totals: Vec<ModeTotals> = vec![ModeTotals::default(); runs.len()];
     let mut per_category: std::collections::BTreeMap<String, Vec<ModeTotals>> = Default::default();
     let (mut divergences, mut near_ties) = (0usize, 0usize);
     let mut divergence_notes = Vec::new();
     let mut ar_outputs: Vec<Vec<u32>> = Vec::new();
     for (i, pr) in prompts.iter().enumerate() {
         let mut outs: Vec<Generation> = Vec::new();
-        for (mi, m) in modes.iter().enumerate() {
-            let g = engine.generate(pr.ids.clone(), &params(&args, *m), &mut |_, _, _| true)?;
+        for (mi, r) in runs.iter().enumerate() {
+            let g = engine.generate(pr.ids.clone(), &run_params(&args, *r), &mut |_, _, _| true)?;
             totals[mi].add(&g);
             per_category
                 .entry(pr.category.clone())
-                .or_insert_with(|| vec![ModeTotals::default(); 3])[mi]
+                .or_insert_with(|| vec![ModeTotals::default(); runs.len()])[mi]
                 .add(&g);
             outs.push(g);
         }
@@ -358,30 +442,46 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 if gap < duo_core::speculative::verify::NEAR_TIE_GAP {
                     near_ties += 1;
                 }
-                divergence_notes
-                    .push(json!({"prompt": i, "mode": modes[mi], "position": at, "top2_gap": gap}));
+                divergence_notes.push(
+                    json!({"prompt": i, "mode": runs[mi].label(), "position": at, "top2_gap": gap}),
+                );
                 eprintln!(
                     "prompt {i}: {} diverged from autoregressive at token {at} (target top-2 gap {gap:.2e})",
-                    modes[mi]
+                    runs[mi].label()
                 );
             }
         }
+        let duo_g = &outs[outs.len() - 1];
+        let sps_line: Vec<String> = outs[1..outs.len() - 1]
+            .iter()
+            .zip(&runs[1..])
+            .map(|(g, r)| format!("{} {:>6.1}", r.label(), g.stats.tokens_per_s))
+            .collect();
         eprintln!(
-            "[{}/{}] {:<15} ar {:>6.1}  sps {:>6.1}  duo {:>6.1} tok/s  (τ duo {:.2})",
+            "[{}/{}] {:<15} ar {:>6.1}  {}  duo {:>6.1} tok/s  (τ duo {:.2}, hedge hits {}/{})",
             i + 1,
             prompts.len(),
             pr.category,
             outs[0].stats.tokens_per_s,
-            outs[1].stats.tokens_per_s,
-            outs[2].stats.tokens_per_s,
-            outs[2].stats.mean_accepted
+            sps_line.join("  "),
+            duo_g.stats.tokens_per_s,
+            duo_g.stats.mean_accepted,
+            duo_g.stats.hedge_hits,
+            duo_g.stats.hedges,
         );
     }
     let grpc = match &args.endpoint {
         Some(endpoint) => Some(run_grpc(endpoint, &args, &prompts, &ar_outputs, &modes)?),
         None => None,
     };
-    let (ar, sps, duo) = (&totals[0], &totals[1], &totals[2]);
+    let (ar, sps, duo) = (&totals[0], &totals[1], &totals[totals.len() - 1]);
+    let sps_all = &totals[1..totals.len() - 1];
+    let (best_i, best_sps) = sps_all
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.tokens_per_s().total_cmp(&b.1.tokens_per_s()))
+        .unwrap_or((0, sps));
+    let best_sps_gamma = args.sps_gamma.get(best_i).copied();
     let ar_ms_per_token = ar.total_ms / ar.tokens.max(1) as f64;
     let duo_target_ms_per_round = duo.target_busy_ms / duo.rounds.max(1) as f64;
     let limit = duo.mean_accepted() * ar_ms_per_token / duo_target_ms_per_round.max(1e-9);
@@ -396,19 +496,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "context_len": engine.limits().context_len,
         "max_new_tokens": args.max_new_tokens,
         "sps_gamma": args.sps_gamma,
+        "best_sps_gamma": best_sps_gamma,
         "duo_gamma": args.duo_gamma,
         "max_branches": args.max_branches,
+        "max_hedges": args.max_hedges,
         "modes": {
             "autoregressive": ar.summary(),
             "speculative": sps.summary(),
+            "speculative_by_gamma": args.sps_gamma.iter().zip(sps_all).map(|(g, t)| (g.to_string(), t.summary())).collect::<serde_json::Map<_, _>>(),
             "duodecoding": duo.summary(),
             "ar_2threads": if no_ar2 { serde_json::Value::Null } else { ar2.summary() },
         },
         "per_category": per_category.iter().map(|(c, t)| (c.clone(), json!({
             "ar_tokens_per_s": t[0].tokens_per_s(),
             "sps_tokens_per_s": t[1].tokens_per_s(),
-            "duo_tokens_per_s": t[2].tokens_per_s(),
-            "duo_mean_accepted": t[2].mean_accepted(),
+            "best_sps_tokens_per_s": t[1..t.len() - 1].iter().map(ModeTotals::tokens_per_s).fold(0.0, f64::max),
+            "duo_tokens_per_s": t[t.len() - 1].tokens_per_s(),
+            "duo_mean_accepted": t[t.len() - 1].mean_accepted(),
         }))).collect::<serde_json::Map<_, _>>(),
         "divergences": divergence_notes,
         "grpc": grpc.as_ref().map(|(t, identical)| json!({
@@ -422,6 +526,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let headline = json!({
         "duo_over_ar": duo_over_ar,
         "duo_over_sps": duo.tokens_per_s() / sps.tokens_per_s(),
+        "duo_over_best_sps": duo.tokens_per_s() / best_sps.tokens_per_s(),
+        "best_sps_gamma": best_sps_gamma,
+        "best_sps_tokens_per_s": best_sps.tokens_per_s(),
+        "ttft_duo_over_best_sps": duo.ttft_ms() / best_sps.ttft_ms().max(1e-9),
+        "duo_single_token_round_fraction": duo.single_token_fraction(),
+        "duo_hedges": duo.hedges,
+        "duo_hedge_hits": duo.hedge_hits,
         "ttft_duo_over_sps": duo.ttft_ms() / sps.ttft_ms().max(1e-9),
         "limit_duo_over_ar": limit,
         "fraction_of_limit": duo_over_ar / limit.max(1e-9),

@@ -329,6 +329,10 @@ struct GenerateArgs {
     /// Most draft branches per round (1 = single sequence).
     #[arg(long, default_value_t = 4)]
     max_branches: usize,
+    /// Most hedges per duodecoding round (0 = no hedged drafting): drafts
+    /// ready for the likely corrections inside the pending tail.
+    #[arg(long, default_value_t = duo_core::engine::driver::DEFAULT_MAX_HEDGES)]
+    max_hedges: usize,
     /// Print one JSON object to stdout at the end (text, token_ids,
     /// finish_reason, stats) instead of streaming the text.
     #[arg(long)]
@@ -420,6 +424,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         mode: a.mode,
         gamma: a.gamma,
         max_branches: a.max_branches,
+        max_hedges: a.max_hedges,
         logprobs: false,
         greedy_drafts: a.sampling.greedy_drafts(),
     };
@@ -504,7 +509,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 pub fn stats_line(g: &duo_core::engine::Generation) -> String {
     let s = &g.stats;
     format!(
-        "[{}] {} tokens in {:.1} ms ({:.1} tok/s), TTFT {:.1} ms, {} rounds, {:.2} tokens/round, drafted {} accepted {}, gamma {:.1}, k {:?}, idle target {:.0}% draft {:.0}%, finish {:?}",
+        "[{}] {} tokens in {:.1} ms ({:.1} tok/s), TTFT {:.1} ms, {} rounds, {:.2} tokens/round, drafted {} accepted {}, gamma {:.1}, k {:?}, hedge hits {}/{}, single-token rounds {}, idle target {:.0}% draft {:.0}%, finish {:?}",
         s.mode,
         s.new_tokens,
         s.total_ms,
@@ -516,6 +521,9 @@ pub fn stats_line(g: &duo_core::engine::Generation) -> String {
         s.accepted,
         s.gamma_mean,
         s.k_hist,
+        s.hedge_hits,
+        s.hedges,
+        s.single_token_rounds,
         100.0 * s.target_idle_ms / s.total_ms.max(1e-9),
         100.0 * s.draft_idle_ms / s.total_ms.max(1e-9),
         g.finish_reason,

@@ -465,6 +465,7 @@ fn random_draft_request(rng: &mut impl Rng, fp: &str) -> pb::DraftRequest {
                     rng.random_range(0..12)
                 },
                 first_verified: rng.random(),
+                max_hedges: rng.random_range(0..12),
             }))
         }
     };

@@ -12,7 +12,7 @@ use duo_core::engine::driver::MAX_GAMMA;
 use duo_core::engine::{DraftJob, Drafter};
 use duo_core::runtime::{Device, ModelOptions};
 use duo_core::sampling::draft_rng;
-use duo_core::speculative::policy::{BranchPolicy, MAX_BRANCHES};
+use duo_core::speculative::policy::{BranchPolicy, MAX_BRANCHES, MAX_HEDGES};
 use duo_rpc::convert::{sync_from_pb, tree_to_pb};
 use duo_rpc::pb::draft_server::{Draft, DraftServer};
 use duo_rpc::pb::{self, draft_reply, draft_request};
@@ -92,6 +92,12 @@ fn check_job(job: &pb::DraftJob, vocab: usize) -> Result<DraftJob, Status> {
             job.max_branches
         )));
     }
+    if job.max_hedges as usize > MAX_HEDGES {
+        return Err(Status::invalid_argument(format!(
+            "max_hedges must be in 0..={MAX_HEDGES}, got {}",
+            job.max_hedges
+        )));
+    }
     let sync = job.sync.as_ref().map(sync_from_pb).unwrap_or_default();
     if let Some(&t) = sync.append.iter().find(|&&t| t as usize >= vocab) {
         return Err(Status::invalid_argument(format!(
@@ -103,6 +109,7 @@ fn check_job(job: &pb::DraftJob, vocab: usize) -> Result<DraftJob, Status> {
         gamma: job.gamma as usize,
         policy: BranchPolicy::new(job.max_branches as usize),
         first_verified: job.first_verified,
+        max_hedges: job.max_hedges as usize,
     })
 }
 

@@ -14,6 +14,59 @@ use duo_core::speculative::round::Round;
 use duo_core::speculative::verify::ChainVerdict;
 use proptest::prelude::*;
 
+/// Hedge hits over all cases of [`hedged_rounds_commit_target_only_decoding`]
+/// (checked by [`hedges_were_hit`]).
+static HEDGE_HITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A deterministic stand-in target over a 6-token vocabulary: its greedy
+/// next token after `ctx` (a hash of the context, so that rejections and
+/// hedge hits are common).
+fn target_next(ctx: &[u32]) -> u32 {
+    let h = ctx.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
+        (h ^ u64::from(t)).wrapping_mul(0x100_0000_01b3)
+    });
+    (h % 6) as u32
+}
+
+/// The greedy verdict of `target_next` on the round's tail.
+fn greedy_verdict(r: &Round) -> ChainVerdict {
+    let mut ctx = r.committed().to_vec();
+    for (i, &t) in r.tail().iter().enumerate() {
+        let want = target_next(&ctx);
+        if want != t {
+            return ChainVerdict {
+                accepted: i,
+                next: want,
+            };
+        }
+        ctx.push(t);
+    }
+    ChainVerdict {
+        accepted: r.tail().len(),
+        next: target_next(&ctx),
+    }
+}
+
+/// One round's draft: branches `(anchor, follow target?, tokens)` — a
+/// branch that follows the target starts with the target's own token at
+/// its anchor and continues with it for `good` tokens, then random ones.
+#[derive(Debug, Clone)]
+struct Offer {
+    rows: Vec<(Option<usize>, usize, Vec<u32>)>,
+}
+
+fn offer() -> impl Strategy<Value = Offer> {
+    prop::collection::vec(
+        (
+            prop::option::of(0usize..6),
+            0usize..5,
+            prop::collection::vec(0u32..6, 1..6),
+        ),
+        0..6,
+    )
+    .prop_map(|rows| Offer { rows })
+}
+
 /// One round's inputs: a verdict (possibly invalid) and branches (possibly
 /// with empty ones).
 #[derive(Debug, Clone)]
@@ -115,4 +168,74 @@ proptest! {
             prop_assert!((1..=8).contains(&max_branches));
         }
     }
+
+    /// Hedged drafting is lossless: whatever branches and hedges a draft
+    /// offers (anchored anywhere in the tail, following the target or not,
+    /// malformed ones refused and the round run without them), the
+    /// committed tokens are exactly the target's own greedy decoding.
+    #[test]
+    fn hedged_rounds_commit_target_only_decoding(
+        prompt in prop::collection::vec(0u32..6, 1..8),
+        offers in prop::collection::vec(offer(), 1..40),
+    ) {
+        let mut r = Round::new(prompt.clone());
+        let mut hedge_hits = 0;
+        for o in &offers {
+            let verdict = greedy_verdict(&r);
+            let m = r.tail().len();
+            let mut branches = Vec::new();
+            let mut anchors = Vec::new();
+            for (anchor, good, tokens) in &o.rows {
+                let a = anchor.map(|a| a.min(m));
+                let mut ctx = r.committed().to_vec();
+                ctx.extend_from_slice(&r.tail()[..a.unwrap_or(m)]);
+                let mut b = Vec::new();
+                for (i, &t) in tokens.iter().enumerate() {
+                    let tok = if i < *good { target_next(&ctx) } else { t };
+                    b.push(tok);
+                    ctx.push(tok);
+                }
+                let a = a.filter(|&a| a < m);
+                // Well-formed offers only (malformed ones are refused:
+                // the unit tests of the round machine show it).
+                let anchor_at = a.unwrap_or(m);
+                let clash = a.is_some_and(|a| r.tail()[a] == b[0])
+                    || branches
+                        .iter()
+                        .zip(&anchors)
+                        .any(|(o, oa): (&Vec<u32>, &Option<usize>)| {
+                            oa.unwrap_or(m) == anchor_at && o[0] == b[0]
+                        });
+                if !clash {
+                    branches.push(b);
+                    anchors.push(a);
+                }
+            }
+            let before = r.committed().len();
+            let out = r.apply_anchored(verdict, &branches, &anchors, &[]);
+            prop_assert!(out.is_ok(), "{:?}", out);
+            let out = out.unwrap();
+            prop_assert_eq!(r.committed().len(), before + out.committed.len());
+            hedge_hits += usize::from(out.hedge_hit);
+            if out.hedge_hit {
+                prop_assert!(out.rejected());
+            }
+        }
+        // Target-only greedy decoding of as many tokens.
+        let mut want = prompt.clone();
+        while want.len() < r.committed().len() {
+            let t = target_next(&want);
+            want.push(t);
+        }
+        prop_assert_eq!(r.committed(), &want[..]);
+        HEDGE_HITS.fetch_add(hedge_hits, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The hedged-rounds property exercised hedges: it ran them to hits.
+#[test]
+fn hedges_were_hit() {
+    // The property runs in this test's thread first, so the count is its own.
+    hedged_rounds_commit_target_only_decoding();
+    assert!(HEDGE_HITS.load(std::sync::atomic::Ordering::Relaxed) > 0);
 }

@@ -187,6 +187,7 @@ impl DraftSide for ToyDraft {
             self.last = branches.clone();
         }
         Ok(DraftTree {
+            anchors: Vec::new(),
             branches,
             proposals,
             forward_steps: job.gamma,

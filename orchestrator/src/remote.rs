@@ -307,6 +307,7 @@ impl DraftSide for RemoteDraft {
                 gamma: job.gamma as u32,
                 max_branches: job.policy.cap() as u32,
                 first_verified: job.first_verified,
+                max_hedges: job.max_hedges as u32,
             })),
         };
         let tx = &self.tx;

@@ -76,6 +76,19 @@ pub fn record_generation(g: &Generation) {
         "duo_orchestrator_draftless_rounds_total",
         s.draftless_rounds,
     );
+    c("duo_orchestrator_hedges_total", s.hedges);
+    c("duo_orchestrator_hedge_hits_total", s.hedge_hits);
+    c(
+        "duo_orchestrator_single_token_rounds_total",
+        s.single_token_rounds,
+    );
+    for (kind, count) in &s.round_kinds {
+        let labels = [("mode", mode.clone()), ("kind", kind.as_str().to_string())];
+        metrics::counter!("duo_orchestrator_rounds_by_kind_total", &labels)
+            .increment(count.rounds as u64);
+        metrics::counter!("duo_orchestrator_tokens_by_round_kind_total", &labels)
+            .increment(count.tokens as u64);
+    }
     let us = |name: &'static str, ms: f64| {
         metrics::counter!(name, "mode" => mode.clone()).increment((ms * 1e3).max(0.0) as u64);
     };

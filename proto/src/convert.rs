@@ -1,9 +1,10 @@
 //! Conversions between protocol messages and the core's types.
 
+use duo_core::engine::driver::KindCount;
 use duo_core::engine::{DraftTree, Mode, Stats};
 use duo_core::runtime::ModelInfo;
 use duo_core::sampling::{Distribution, SamplingParams};
-use duo_core::speculative::round::DraftSync;
+use duo_core::speculative::round::{DraftSync, RoundKind};
 use duo_core::speculative::stop::FinishReason;
 use duo_core::speculative::verify::MAX_PROPOSAL_ENTRIES;
 
@@ -61,6 +62,22 @@ pub fn stats_to_pb(s: &Stats, draft_worker: &str) -> pb::Stats {
         mode: mode_to_pb(s.mode) as i32,
         draft_failures: s.draft_failures as u32,
         draftless_rounds: s.draftless_rounds as u32,
+        hedges: s.hedges as u32,
+        hedge_hits: s.hedge_hits as u32,
+        single_token_rounds: s.single_token_rounds as u32,
+        round_kinds: s
+            .round_kinds
+            .iter()
+            .map(|(k, c)| {
+                (
+                    k.as_str().to_string(),
+                    pb::KindCount {
+                        rounds: c.rounds as u32,
+                        tokens: c.tokens as u32,
+                    },
+                )
+            })
+            .collect(),
     }
 }
 
@@ -93,6 +110,7 @@ pub fn tree_to_pb(t: &DraftTree) -> pb::DraftTree {
                     .get(j)
                     .map(|qs| qs.iter().map(proposal_to_pb).collect())
                     .unwrap_or_default(),
+                anchor: t.anchors.get(j).copied().flatten().map(|a| a as u32),
             })
             .collect(),
         forward_steps: t.forward_steps as u32,
@@ -104,16 +122,22 @@ pub fn tree_to_pb(t: &DraftTree) -> pb::DraftTree {
 /// a malformed one is the worker's failure, never the generation's.
 pub fn tree_from_pb(t: pb::DraftTree, vocab: usize) -> Result<DraftTree, String> {
     let sampled = t.branches.iter().any(|b| !b.proposals.is_empty());
+    let anchored = t.branches.iter().any(|b| b.anchor.is_some());
     let mut proposals = Vec::new();
     let mut branches = Vec::new();
+    let mut anchors = Vec::new();
     for b in t.branches {
         if sampled {
             proposals.push(proposals_from_pb(&b.proposals, &b.tokens, vocab)?);
+        }
+        if anchored {
+            anchors.push(b.anchor.map(|a| a as usize));
         }
         branches.push(b.tokens);
     }
     Ok(DraftTree {
         branches,
+        anchors,
         proposals,
         forward_steps: t.forward_steps as usize,
         secs: t.secs,
@@ -234,6 +258,23 @@ pub fn stats_from_pb(s: &pb::Stats) -> Stats {
             .collect(),
         draft_failures: s.draft_failures as usize,
         draftless_rounds: s.draftless_rounds as usize,
+        hedges: s.hedges as usize,
+        hedge_hits: s.hedge_hits as usize,
+        single_token_rounds: s.single_token_rounds as usize,
+        round_kinds: s
+            .round_kinds
+            .iter()
+            .filter_map(|(k, c)| {
+                let kind = RoundKind::ALL.into_iter().find(|x| x.as_str() == k)?;
+                Some((
+                    kind,
+                    KindCount {
+                        rounds: c.rounds as usize,
+                        tokens: c.tokens as usize,
+                    },
+                ))
+            })
+            .collect(),
         ..Stats::default()
     }
 }

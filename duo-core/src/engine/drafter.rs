@@ -9,15 +9,41 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::runtime::{Branches, CausalLm, RuntimeError, Sequence};
+use crate::runtime::{BatchItem, Branches, CausalLm, RuntimeError, Sequence};
 use crate::sampling::{Distribution, Rng, SamplingParams, argmax, top_softmax};
-use crate::speculative::policy::{BranchPolicy, MAX_BRANCHES};
+use crate::speculative::policy::{
+    BranchPolicy, HEDGE_CANDIDATES, Hedge, MAX_BRANCHES, MAX_HEDGES, hedge_count, rank_hedges,
+};
 use crate::speculative::round::DraftSync;
 use crate::speculative::verify::MAX_PROPOSAL_ENTRIES;
 use crate::stats::Ema;
 
 /// Weight of each new step-time sample in [`StepCosts`].
 const STEP_COST_ALPHA: f64 = 0.2;
+
+/// Most rows one batched draft step carries: main branches and hedges.
+const MAX_ROWS: usize = MAX_BRANCHES + MAX_HEDGES;
+
+/// Tail positions whose acceptance the draft measures (later ones share
+/// the last).
+const MEASURED_POSITIONS: usize = 32;
+
+/// Weight of each observation in the measured acceptance by tail position.
+const ACCEPT_ALPHA: f64 = 0.1;
+
+/// Weight of each drafted token's top probability in the draft's
+/// confidence (its stand-in for the acceptance rate, when planning hedges).
+const CONFIDENCE_ALPHA: f64 = 0.05;
+
+/// The cost assumed for a batched step of `rows` rows before one has been
+/// measured, in one-row steps: none extra, so that a row count is tried
+/// and then judged by what it measured.
+fn assumed_step_cost(_rows: usize) -> f64 {
+    1.0
+}
+
+/// The draft's most likely tokens at one position, with probabilities.
+type Candidates = Vec<(u32, f32)>;
 
 /// One drafting request.
 #[derive(Debug, Clone)]
@@ -35,13 +61,22 @@ pub struct DraftJob {
     /// the target's own draw (duodecoding's branch heads): a sampled draft
     /// samples it too instead of taking its most likely tokens.
     pub first_verified: bool,
+    /// Most hedges: branches anchored inside the pending tail, for the
+    /// likely corrections there (0: none). The draft plans how many pay
+    /// for their rows (`policy::hedge_count`).
+    pub max_hedges: usize,
 }
 
-/// The draft's answer: `branches` continue the synced context; heads are
-/// distinct; branch 0 is the draft's most likely choice.
+/// The draft's answer: `branches` continue the synced context (`C + tail`),
+/// or, for a hedge, the context up to its anchor; heads are distinct among
+/// branches of one anchor; branch 0 is the draft's most likely choice.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DraftTree {
     pub branches: Vec<Vec<u32>>,
+    /// Each branch's anchor: `Some(a)` for a hedge, which continues
+    /// `C + tail[..a]` with a head other than `tail[a]`; `None` for a branch
+    /// after the whole tail. Empty: every branch continues the whole tail.
+    pub anchors: Vec<Option<usize>>,
     /// For a sampled draft, the proposal each token was drawn from (one
     /// list per branch, one distribution per token; a head chosen as a most
     /// likely token has a point mass); empty for a greedy draft.
@@ -60,6 +95,11 @@ impl DraftTree {
         self.branches.iter().map(Vec::len).sum()
     }
 
+    /// The hedges among the branches.
+    pub fn hedges(&self) -> usize {
+        self.anchors.iter().filter(|a| a.is_some()).count()
+    }
+
     /// Bytes of the token ids and proposals as duo.proto carries them (4 per
     /// id, 8 per proposal entry; protobuf framing excluded).
     pub fn wire_bytes(&self) -> usize {
@@ -73,11 +113,24 @@ impl DraftTree {
     }
 }
 
+/// The caches of a multi-branch call's rows.
+enum Rows {
+    /// Branches forked from the whole context, run as one tiled batch.
+    Tiled(Branches),
+    /// One sequence per branch, each after its own prefix of the context
+    /// (hedges end inside the tail), run as one padded batch.
+    Separate(Vec<Sequence>),
+}
+
 /// Branches drafted by the last multi-branch call.
 struct Multi {
     /// Batched cache of the branch rows (None when every branch is one token
     /// long and nothing was fed).
-    rows: Option<Branches>,
+    rows: Option<Rows>,
+    /// Each branch's context length before its head.
+    prefix: Vec<usize>,
+    /// Each branch's anchor (`Some` for a hedge).
+    anchors: Vec<Option<usize>>,
     /// Each branch's tokens (fed ones, then possibly one unfed last token).
     full: Vec<Vec<u32>>,
 }
@@ -94,6 +147,17 @@ pub struct Drafter {
     /// Sampled drafting: the generation's settings and the draft's own
     /// random stream. `None`: greedy drafts.
     sampling: Option<(SamplingParams, Rng)>,
+    /// The last tree's candidates: per branch, per token, the draft's most
+    /// likely tokens where it drafted that token.
+    drafted: Vec<Vec<Candidates>>,
+    /// The candidates of the pending tail (the last `tail.len()` tokens of
+    /// the context), when the draft drafted it; empty otherwise.
+    tail: Vec<Candidates>,
+    /// Mean top probability of drafted tokens.
+    confidence: Ema,
+    /// Measured acceptance by tail position: how often the target accepted
+    /// the tail token there, given it reached it (learned from the syncs).
+    accept: Vec<Ema>,
 }
 
 /// The proposal a sampled draft draws from: its processed distribution
@@ -132,7 +196,7 @@ impl Pick<'_> {
 
 /// Measured seconds per one-token forward step, by the number of rows
 /// batched (index `rows - 1`), over this session's rounds.
-struct StepCosts([Ema; MAX_BRANCHES]);
+struct StepCosts([Ema; MAX_ROWS]);
 
 impl StepCosts {
     fn new() -> Self {
@@ -169,6 +233,12 @@ impl Drafter {
             multi: None,
             costs: StepCosts::new(),
             sampling: None,
+            drafted: Vec::new(),
+            tail: Vec::new(),
+            confidence: Ema::new(CONFIDENCE_ALPHA),
+            accept: (0..MEASURED_POSITIONS)
+                .map(|_| Ema::new(ACCEPT_ALPHA))
+                .collect(),
         })
     }
 
@@ -189,33 +259,63 @@ impl Drafter {
     pub fn draft(&mut self, lm: &mut CausalLm, job: &DraftJob) -> Result<DraftTree, RuntimeError> {
         let start = Instant::now();
         self.apply(&job.sync)?;
-        let mut tree = self.propose(lm, job.gamma.max(1), job.policy, job.first_verified)?;
+        let max_hedges = if job.first_verified {
+            0
+        } else {
+            job.max_hedges.min(MAX_HEDGES)
+        };
+        let mut tree = self.propose(
+            lm,
+            job.gamma.max(1),
+            job.policy,
+            max_hedges,
+            job.first_verified,
+        )?;
         tree.secs = start.elapsed().as_secs_f64();
         Ok(tree)
     }
 
+    /// Applies `sync`. Adopting branch `j` of the last tree makes its
+    /// tokens after the head the pending tail, whose candidates the draft
+    /// keeps for hedging; any other change leaves no tail it drafted.
     fn apply(&mut self, sync: &DraftSync) -> Result<(), RuntimeError> {
+        self.observe_verdict(sync);
         let multi = self.multi.take();
-        if let Some(j) = sync.adopt
-            && let Some(m) = multi
-        {
-            let Some(full) = m.full.get(j) else {
-                return Err(RuntimeError::Invalid(format!(
-                    "sync adopts branch {j} of {}",
-                    m.full.len()
-                )));
-            };
-            match m.rows {
-                Some(rows) => {
-                    let fed = rows.branch(j).len().min(full.len());
-                    self.seq = rows.keep(j, fed)?;
-                    self.unfed = full[fed..].to_vec();
+        let drafted = std::mem::take(&mut self.drafted);
+        let mut adopted_len = None;
+        if let Some(j) = sync.adopt {
+            if let Some(m) = multi {
+                let (Some(full), Some(&prefix)) = (m.full.get(j), m.prefix.get(j)) else {
+                    return Err(RuntimeError::Invalid(format!(
+                        "sync adopts branch {j} of {}",
+                        m.full.len()
+                    )));
+                };
+                match m.rows {
+                    Some(Rows::Tiled(rows)) => {
+                        let fed = rows.branch(j).len().min(full.len());
+                        self.seq = rows.keep(j, fed)?;
+                        self.unfed = full[fed..].to_vec();
+                    }
+                    Some(Rows::Separate(mut seqs)) if j < seqs.len() => {
+                        let seq = seqs.swap_remove(j);
+                        let fed = seq.len().saturating_sub(prefix).min(full.len());
+                        self.seq = seq;
+                        self.unfed = full[fed..].to_vec();
+                    }
+                    Some(Rows::Separate(_)) => {
+                        return Err(RuntimeError::Invalid(format!("no row for branch {j}")));
+                    }
+                    None => {
+                        self.seq.truncate(prefix)?;
+                        self.unfed = full.clone();
+                    }
                 }
-                None => self.unfed = full.clone(),
             }
+            // (adopting the single chain of a one-branch draft is a no-op: the
+            // chain is already the end of the context.)
+            adopted_len = Some(self.context_len());
         }
-        // (adopting the single chain of a one-branch draft is a no-op: the
-        // chain is already the end of the context.)
         let fed = self.seq.len();
         if sync.keep < fed {
             self.seq.truncate(sync.keep)?;
@@ -224,7 +324,58 @@ impl Drafter {
             self.unfed.truncate(sync.keep - fed);
         }
         self.unfed.extend_from_slice(&sync.append);
+        // The adopted branch, whole, is the context's end: its tokens after
+        // the head are the tail, with the candidates drafted for them.
+        self.tail = match (sync.adopt, adopted_len) {
+            (Some(j), Some(len)) if len == self.context_len() => drafted
+                .into_iter()
+                .nth(j)
+                .map(|mut c| {
+                    c.drain(..1.min(c.len()));
+                    c
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if self.tail.len() > self.context_len() {
+            self.tail.clear();
+        }
         Ok(())
+    }
+
+    /// Learns how much of the pending tail the target accepted from the
+    /// sync that follows its verification: adopting a branch after the
+    /// tail means all of it, adopting a hedge means up to its anchor, and
+    /// keeping `keep` tokens means `keep` minus the context before the tail.
+    fn observe_verdict(&mut self, sync: &DraftSync) {
+        let m = self.tail.len();
+        if m == 0 {
+            return;
+        }
+        let before_tail = self.context_len().saturating_sub(m);
+        let accepted = match (sync.adopt, &self.multi) {
+            (Some(j), Some(multi)) => multi.anchors.get(j).copied().flatten().unwrap_or(m),
+            (Some(_), None) => m,
+            (None, _) if sync.keep >= before_tail && sync.append.len() == 1 => {
+                (sync.keep - before_tail).min(m)
+            }
+            (None, _) => return,
+        };
+        let last = self.accept.len() - 1;
+        for i in 0..accepted {
+            self.accept[i.min(last)].update(1.0);
+        }
+        if accepted < m {
+            self.accept[accepted.min(last)].update(0.0);
+        }
+    }
+
+    /// The measured acceptance at each of the first `m` tail positions.
+    fn measured_acceptance(&self, m: usize) -> Vec<Option<f32>> {
+        let last = self.accept.len() - 1;
+        (0..m)
+            .map(|i| self.accept[i.min(last)].get().map(|p| p as f32))
+            .collect()
     }
 
     /// Feeds what is unfed and returns the logits row for the next position.
@@ -245,30 +396,81 @@ impl Drafter {
         Ok(logits.last().to_vec())
     }
 
+    /// The hedges worth drafting beside `heads` this round (none without a
+    /// tail the draft drafted, or when `max_hedges` is 0): the ranked
+    /// likely corrections of the tail, as many as pay for their rows at the
+    /// measured step costs.
+    fn plan_hedges(
+        &self,
+        tail: &[u32],
+        first: &[(u32, f32)],
+        heads: usize,
+        gamma: usize,
+        max_hedges: usize,
+    ) -> Vec<Hedge> {
+        if max_hedges == 0 || self.tail.is_empty() || self.tail.len() != tail.len() {
+            return Vec::new();
+        }
+        let accept = self.measured_acceptance(tail.len());
+        let mut ranked = rank_hedges(tail, &self.tail, &accept);
+        ranked.truncate(max_hedges);
+        let survive: f32 = tail
+            .iter()
+            .zip(&self.tail)
+            .zip(&accept)
+            .map(|((t, c), a)| {
+                a.unwrap_or_else(|| c.iter().find(|e| e.0 == *t).map_or(0.0, |e| e.1))
+            })
+            .product();
+        let main_chance = survive * first.iter().take(heads).map(|e| e.1).sum::<f32>();
+        let alpha = self.confidence.get().unwrap_or(0.5);
+        let n = hedge_count(main_chance, &ranked, heads, gamma, alpha, |rows| {
+            self.costs
+                .ratio(rows)
+                .unwrap_or_else(|| assumed_step_cost(rows))
+        });
+        ranked.truncate(n);
+        ranked
+    }
+
+    /// The candidates kept for a drafted token picked from `logits`
+    /// (the draft's top [`HEDGE_CANDIDATES`]); updates the confidence.
+    fn candidates(&mut self, logits: &[f32]) -> Candidates {
+        let c = top_softmax(logits, HEDGE_CANDIDATES);
+        if let Some(&(_, p)) = c.first() {
+            self.confidence.update(f64::from(p));
+        }
+        c
+    }
+
     fn propose(
         &mut self,
         lm: &mut CausalLm,
         gamma: usize,
         policy: BranchPolicy,
+        max_hedges: usize,
         first_verified: bool,
     ) -> Result<DraftTree, RuntimeError> {
         let q1_logits = self.catch_up(lm)?;
-        let mut pick = match &mut self.sampling {
-            Some((params, rng)) => Pick::Sampled(params, rng),
-            None => Pick::Greedy,
-        };
-        let sampled = matches!(pick, Pick::Sampled(..));
+        let sampled = self.sampling.is_some();
+        let q1 = top_softmax(&q1_logits, MAX_BRANCHES);
+        let c1 = self.candidates(&q1_logits);
         let mut steps = 1;
         // The first token: sampled when it will be verified against its
         // proposal; else the most likely (matched against the target's draw).
         let (x1, q_x1) = if first_verified {
-            pick.pick(&q1_logits)
+            self.pick(&q1_logits)
         } else {
             let x = argmax(&q1_logits);
             (x, sampled.then(|| Distribution::point(x)))
         };
+        let tail_tokens = {
+            let ctx = self.seq.tokens();
+            ctx[ctx.len().saturating_sub(self.tail.len())..].to_vec()
+        };
         if gamma == 1 && policy.cap() == 1 {
             self.unfed.push(x1);
+            self.drafted = vec![vec![c1]];
             return Ok(tree(vec![vec![x1]], q_x1.map(|q| vec![vec![q]]), steps));
         }
         // Probe: one step to learn p21.
@@ -276,18 +478,21 @@ impl Drafter {
         let l2 = l2?;
         self.costs.observe(1, secs);
         steps += 1;
-        let q1 = top_softmax(&q1_logits, MAX_BRANCHES);
         let p21 = top_softmax(l2.last(), 1).first().map_or(1.0, |e| e.1);
         let k = if first_verified {
             1
         } else {
             policy.branch_count(&q1, p21)
         };
-        if k <= 1 {
+        let hedges = self.plan_hedges(&tail_tokens, &q1, k, gamma, max_hedges);
+        if k <= 1 && hedges.is_empty() {
             let mut chain = vec![x1];
+            let mut cands = vec![c1];
             let mut qs: Vec<Distribution> = q_x1.into_iter().collect();
-            let (mut next, mut q_next) = pick.pick(l2.last());
+            let mut next_logits = l2.last().to_vec();
+            let (mut next, mut q_next) = self.pick(&next_logits);
             while chain.len() < gamma {
+                cands.push(self.candidates(&next_logits));
                 chain.push(next);
                 qs.extend(q_next.take());
                 if chain.len() == gamma {
@@ -298,54 +503,130 @@ impl Drafter {
                 let l = l?;
                 self.costs.observe(1, secs);
                 steps += 1;
-                (next, q_next) = pick.pick(l.last());
+                next_logits = l.last().to_vec();
+                (next, q_next) = self.pick(&next_logits);
             }
+            self.drafted = vec![cands];
             return Ok(tree(vec![chain], sampled.then(|| vec![qs]), steps));
         }
-        // Several branches: drop the probe token, fork from the context.
+        // Several rows: drop the probe token, fork from the context (main
+        // branches) and from inside the tail (hedges).
         self.seq.truncate(self.seq.len() - 1)?;
         let heads = policy.branch_heads(&q1, k);
+        let context = self.seq.len();
+        let m = tail_tokens.len();
+        let mut rows: Vec<(usize, u32)> = heads.iter().map(|&h| (m, h)).collect();
+        rows.extend(hedges.iter().map(|h| (h.anchor, h.head)));
+        let count = rows.len();
         // The γ − 1 one-row steps a single chain would take after its head,
-        // spent on batched steps of k rows at their measured cost.
-        let ratio = self.costs.ratio(heads.len()).unwrap_or(1.0);
+        // spent on batched steps of `count` rows at their measured cost.
+        let ratio = self
+            .costs
+            .ratio(count)
+            .unwrap_or_else(|| assumed_step_cost(count));
         let batched_steps = (((gamma - 1) as f64 / ratio).floor() as usize).min(gamma - 1);
         let longest = 1 + batched_steps;
-        let mut full: Vec<Vec<u32>> = heads.iter().map(|&h| vec![h]).collect();
-        let mut qs: Vec<Vec<Distribution>> = heads
+        let mut full: Vec<Vec<u32>> = rows.iter().map(|&(_, h)| vec![h]).collect();
+        // A main head's candidates are the first position's; a hedge's head
+        // is the target's draw there, never hedged.
+        let mut cands: Vec<Vec<Candidates>> = rows
             .iter()
-            .map(|&h| {
+            .map(|&(a, _)| vec![if a == m { c1.clone() } else { Vec::new() }])
+            .collect();
+        let mut qs: Vec<Vec<Distribution>> = rows
+            .iter()
+            .map(|&(_, h)| {
                 sampled
                     .then(|| Distribution::point(h))
                     .into_iter()
                     .collect()
             })
             .collect();
-        let rows = if longest > 1 {
-            let mut rows = self.seq.fork(heads.len())?;
-            let mut toks = heads.clone();
+        let prefix: Vec<usize> = rows.iter().map(|&(a, _)| context - m + a).collect();
+        let mut toks: Vec<u32> = rows.iter().map(|&(_, h)| h).collect();
+        let batch = if longest == 1 {
+            None
+        } else if hedges.is_empty() {
+            let mut tiled = self.seq.fork(count)?;
             for _ in 1..longest {
-                let (l, secs) = timed(|| lm.extend_branches(&mut rows, &toks));
+                let (l, secs) = timed(|| lm.extend_branches(&mut tiled, &toks));
                 let l = l?;
-                self.costs.observe(heads.len(), secs);
-                for (j, ((f, q), t)) in full.iter_mut().zip(&mut qs).zip(&mut toks).enumerate() {
-                    let (next, q_next) = pick.pick(l.row(j));
-                    *t = next;
-                    f.push(next);
-                    q.extend(q_next);
+                self.costs.observe(count, secs);
+                for (j, t) in toks.iter_mut().enumerate() {
+                    *t = self.extend_row(l.row(j), &mut full[j], &mut cands[j], &mut qs[j]);
                 }
             }
-            Some(rows)
+            Some(Rows::Tiled(tiled))
         } else {
-            None
+            let mut seqs = prefix
+                .iter()
+                .map(|&n| self.seq.prefix(n))
+                .collect::<Result<Vec<_>, _>>()?;
+            for _ in 1..longest {
+                let mut items: Vec<BatchItem<'_>> = seqs
+                    .iter_mut()
+                    .zip(&toks)
+                    .map(|(seq, t)| BatchItem {
+                        seq,
+                        tokens: std::slice::from_ref(t),
+                        rows: 1,
+                    })
+                    .collect();
+                let (l, secs) = timed(|| lm.extend_batch(&mut items));
+                let l = l?;
+                self.costs.observe(count, secs);
+                for (j, t) in toks.iter_mut().enumerate() {
+                    let row = l.get(j).map_or(&[][..], |r| r.last());
+                    *t = self.extend_row(row, &mut full[j], &mut cands[j], &mut qs[j]);
+                }
+            }
+            Some(Rows::Separate(seqs))
         };
         // Accounted at the ratio just measured (this round's steps included).
-        let ratio = self.costs.ratio(heads.len()).unwrap_or(1.0);
+        let ratio = self
+            .costs
+            .ratio(count)
+            .unwrap_or_else(|| assumed_step_cost(count));
         steps += (batched_steps as f64 * ratio).round() as usize;
+        let anchors = if hedges.is_empty() {
+            Vec::new()
+        } else {
+            rows.iter().map(|&(a, _)| (a < m).then_some(a)).collect()
+        };
         self.multi = Some(Multi {
-            rows,
+            rows: batch,
+            prefix,
+            anchors: anchors.clone(),
             full: full.clone(),
         });
-        Ok(tree(full, sampled.then_some(qs), steps))
+        self.drafted = cands;
+        let mut t = tree(full, sampled.then_some(qs), steps);
+        t.anchors = anchors;
+        Ok(t)
+    }
+
+    /// The token picked for `logits` and its proposal (sampled drafts).
+    fn pick(&mut self, logits: &[f32]) -> (u32, Option<Distribution>) {
+        match &mut self.sampling {
+            Some((params, rng)) => Pick::Sampled(params, rng).pick(logits),
+            None => Pick::Greedy.pick(logits),
+        }
+    }
+
+    /// Picks a row's next token from its `logits` and records it, its
+    /// candidates and its proposal; returns it (to feed next step).
+    fn extend_row(
+        &mut self,
+        logits: &[f32],
+        full: &mut Vec<u32>,
+        cands: &mut Vec<Candidates>,
+        qs: &mut Vec<Distribution>,
+    ) -> u32 {
+        let (next, q_next) = self.pick(logits);
+        cands.push(self.candidates(logits));
+        full.push(next);
+        qs.extend(q_next);
+        next
     }
 }
 
@@ -356,6 +637,7 @@ fn tree(
 ) -> DraftTree {
     DraftTree {
         branches,
+        anchors: Vec::new(),
         proposals: proposals.unwrap_or_default(),
         forward_steps,
         secs: 0.0,

@@ -14,6 +14,7 @@ use super::rounds::GenerationLoop;
 use super::verifier::TargetVerdict;
 use crate::sampling::{Distribution, SamplingParams};
 use crate::speculative::budget::{BudgetController, BudgetReport};
+use crate::speculative::round::RoundKind;
 use crate::speculative::stop::FinishReason;
 use crate::tokenizer::Tokenizer;
 
@@ -67,6 +68,9 @@ pub struct GenerateParams {
     pub gamma: Option<usize>,
     /// Most branches per round (1 disables multi-sequence drafting).
     pub max_branches: usize,
+    /// Most hedges per duodecoding round (0 disables hedged drafting):
+    /// branches for the likely corrections inside the pending tail.
+    pub max_hedges: usize,
     /// Return the target's log-probabilities of the emitted tokens.
     pub logprobs: bool,
     /// At temperature > 0, draft by sampling from the draft's own processed
@@ -79,6 +83,9 @@ pub struct GenerateParams {
 /// The context a model is taken to have when neither its graph nor its
 /// config.json declares one.
 pub const DEFAULT_CONTEXT_LEN: usize = 2048;
+
+/// Hedges per duodecoding round when a request names none.
+pub const DEFAULT_MAX_HEDGES: usize = 4;
 
 /// γ for speculative mode when none is given.
 pub const DEFAULT_SPS_GAMMA: usize = 4;
@@ -95,6 +102,7 @@ impl Default for GenerateParams {
             mode: Mode::Duodecoding,
             gamma: None,
             max_branches: 4,
+            max_hedges: DEFAULT_MAX_HEDGES,
             logprobs: false,
             greedy_drafts: false,
         }
@@ -135,6 +143,16 @@ pub struct Stats {
     pub branch_misses: usize,
     /// Rounds where a tail token was rejected.
     pub rejections: usize,
+    /// Hedges offered: branches anchored inside the pending tail.
+    pub hedges: usize,
+    /// Rounds whose drawn token matched a hedge (the tail was rejected
+    /// there): the next round verifies the hedge's tail, not a lone token.
+    pub hedge_hits: usize,
+    /// Rounds that committed a single token.
+    pub single_token_rounds: usize,
+    /// Rounds and the tokens they committed, by where the round's tail came
+    /// from (`lone`: none; `branch`, `hedge`, `chain`).
+    pub round_kinds: BTreeMap<RoundKind, KindCount>,
     pub budget: Option<BudgetReport>,
     /// Per position in the verified tail (0 = first tail token): how often
     /// a token was offered there, and how often it was accepted.
@@ -148,6 +166,13 @@ pub struct Stats {
     /// 8 per proposal entry; framing excluded): what sampled drafting adds
     /// to the wire.
     pub draft_wire_bytes: usize,
+}
+
+/// Rounds of one kind and the tokens they committed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KindCount {
+    pub rounds: usize,
+    pub tokens: usize,
 }
 
 /// A finished generation.
@@ -281,6 +306,13 @@ pub fn validate(
             "max_branches must be between 1 and {}, got {}",
             crate::speculative::policy::MAX_BRANCHES,
             params.max_branches
+        ));
+    }
+    if params.max_hedges > crate::speculative::policy::MAX_HEDGES {
+        return bad(format!(
+            "max_hedges must be between 0 and {}, got {}",
+            crate::speculative::policy::MAX_HEDGES,
+            params.max_hedges
         ));
     }
     Ok(())

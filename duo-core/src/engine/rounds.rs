@@ -17,7 +17,6 @@ use super::driver::{
     TargetSide,
 };
 use super::verifier::TargetVerdict;
-use crate::sampling::Distribution;
 use crate::speculative::budget::BudgetController;
 use crate::speculative::policy::BranchPolicy;
 use crate::speculative::round::{DraftSync, Round, RoundOutcome};
@@ -242,6 +241,7 @@ impl<'a> GenerationLoop<'a> {
                         gamma,
                         policy: BranchPolicy::new(1),
                         first_verified: true,
+                        max_hedges: 0,
                     };
                     match d.submit(job).and_then(|()| d.collect()) {
                         Ok(tree) => {
@@ -260,6 +260,7 @@ impl<'a> GenerationLoop<'a> {
                             // The chain became the tail: no branches for the next token.
                             drafted.tree = Some(DraftTree {
                                 branches: Vec::new(),
+                                anchors: Vec::new(),
                                 proposals: Vec::new(),
                                 ..tree
                             });
@@ -288,6 +289,7 @@ impl<'a> GenerationLoop<'a> {
                         gamma,
                         policy: self.policy,
                         first_verified: false,
+                        max_hedges: params.max_hedges,
                     }) {
                         Ok(()) => {
                             drafted.running = true;
@@ -375,7 +377,17 @@ impl<'a> GenerationLoop<'a> {
             && let Some(d) = self.draft.as_deref_mut()
         {
             let waited = Instant::now();
-            match d.collect() {
+            let checked = d.collect().and_then(|t| {
+                self.round
+                    .check_branches(&t.branches, &t.anchors, &t.proposals)
+                    .map(|()| t)
+                    .map_err(|e| EngineError::Side {
+                        side: "draft",
+                        kind: crate::engine::ErrorKind::Internal,
+                        message: format!("the draft sent a malformed tree: {e}"),
+                    })
+            });
+            match checked {
                 Ok(t) => {
                     self.health.fresh = false;
                     self.stats.target_idle_ms += waited.elapsed().as_secs_f64() * 1e3;
@@ -399,19 +411,19 @@ impl<'a> GenerationLoop<'a> {
         tree: Option<DraftTree>,
         committed: Vec<u32>,
     ) -> Result<(), EngineError> {
-        let (branches, proposals): (&[Vec<u32>], &[Vec<Distribution>]) = match &tree {
-            Some(t) => {
-                self.stats.draft_busy_ms += t.secs * 1e3;
-                self.stats.draft_wire_bytes += t.wire_bytes();
-                if t.forward_steps > 0 && !self.first_round {
-                    self.budget
-                        .observe_draft(t.tokens(), t.forward_steps, t.secs);
-                }
-                (&t.branches, &t.proposals)
+        if let Some(t) = &tree {
+            self.stats.draft_busy_ms += t.secs * 1e3;
+            self.stats.draft_wire_bytes += t.wire_bytes();
+            if t.forward_steps > 0 && !self.first_round {
+                self.budget
+                    .observe_draft(t.tokens(), t.forward_steps, t.secs);
             }
-            None => (&[], &[]),
-        };
-        let out = self.round.apply(verdict.verdict, branches, proposals)?;
+        }
+        let empty = DraftTree::default();
+        let t = tree.as_ref().unwrap_or(&empty);
+        let out =
+            self.round
+                .apply_anchored(verdict.verdict, &t.branches, &t.anchors, &t.proposals)?;
         debug_assert_eq!(out.committed, committed);
         // Only verified tokens are ever emitted: the output so far is a
         // prefix of what the round state machine committed.
@@ -485,6 +497,12 @@ fn record_round(stats: &mut Stats, out: &RoundOutcome) {
         }
     }
     stats.rejections += usize::from(out.rejected());
+    stats.hedges += out.hedges;
+    stats.hedge_hits += usize::from(out.hedge_hit);
+    stats.single_token_rounds += usize::from(out.committed.len() == 1);
+    let kind = stats.round_kinds.entry(out.kind).or_default();
+    kind.rounds += 1;
+    kind.tokens += out.committed.len();
     if stats.tail_offered_by_pos.len() < out.tail_len {
         stats.tail_offered_by_pos.resize(out.tail_len, 0);
         stats.tail_accepted_by_pos.resize(out.tail_len, 0);
@@ -499,6 +517,9 @@ fn record_round(stats: &mut Stats, out: &RoundOutcome) {
         tail_len = out.tail_len,
         branches = out.branches,
         branch_hit = ?out.branch_hit,
+        hedges = out.hedges,
+        hedge_hit = out.hedge_hit,
+        kind = out.kind.as_str(),
         "round done"
     );
 }

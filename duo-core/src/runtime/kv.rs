@@ -135,6 +135,17 @@ impl Sequence {
         Ok(())
     }
 
+    /// A separate sequence holding a copy of this one's first `n` tokens
+    /// (all of them when `n >= len`) and their cache, sliced on the device:
+    /// a hedge's context, which ends inside the pending tail.
+    pub fn prefix(&self, n: usize) -> Result<Sequence, RuntimeError> {
+        let n = n.min(self.tokens.len());
+        Ok(Sequence {
+            tokens: self.tokens[..n].to_vec(),
+            kv: self.kv.select(0, n)?,
+        })
+    }
+
     /// Forks `k >= 1` branches that all start from this context.
     pub fn fork(&self, k: usize) -> Result<Branches, RuntimeError> {
         if k == 0 {

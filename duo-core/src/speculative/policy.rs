@@ -93,6 +93,106 @@ impl BranchPolicy {
     }
 }
 
+/// Most hedges per round: branches anchored inside the pending tail.
+pub const MAX_HEDGES: usize = 8;
+
+/// Candidates the draft keeps per drafted token for hedging: its most
+/// likely tokens there (the target's correction is the draft's 2nd choice
+/// about half the time, in its top 4 about 80%: docs/architecture.md).
+pub const HEDGE_CANDIDATES: usize = 4;
+
+/// A likely verification outcome to draft for: the tail is rejected at
+/// position `anchor` and the target puts `head` there.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hedge {
+    /// Tail position (0-based) the hedge replaces.
+    pub anchor: usize,
+    /// The token it puts there (never the tail's own token).
+    pub head: u32,
+    /// The draft's estimate of this outcome's chance: the tail accepted up
+    /// to `anchor`, then `head` drawn there.
+    pub chance: f32,
+}
+
+/// Every hedge the draft's own distributions over the tail suggest, most
+/// likely first: for tail position `a` and each candidate `h` ≠ `tail[a]`
+/// of `alts[a]` (the draft's most likely tokens where it drafted
+/// `tail[a]`, with their probabilities `q_a`),
+/// `chance = Π_{i<a} P(accept i) · (1 − P(accept a)) · q_a(h) / (1 − q_a(tail[a]))`:
+/// the tail reaches `a`, is rejected there, and the target's correction
+/// follows the draft's distribution over the other tokens. `P(accept a)`
+/// is `accept[a]` when measured (the acceptance observed at that tail
+/// position), else the draft's own `q_a(tail[a])` (the chance is then
+/// `Π_{i<a} q_i(tail[i]) · q_a(h)`). Positions without candidates end the
+/// list there (nothing is known past them).
+pub fn rank_hedges(tail: &[u32], alts: &[Vec<(u32, f32)>], accept: &[Option<f32>]) -> Vec<Hedge> {
+    let mut out = Vec::new();
+    let mut survive = 1.0f32;
+    for (anchor, (&token, cands)) in tail.iter().zip(alts).enumerate() {
+        if cands.is_empty() {
+            break;
+        }
+        let q_tail = cands.iter().find(|c| c.0 == token).map_or(0.0, |c| c.1);
+        let p_accept = accept
+            .get(anchor)
+            .copied()
+            .flatten()
+            .unwrap_or(q_tail)
+            .clamp(0.0, 1.0);
+        let others = (1.0 - q_tail).max(1e-6);
+        for &(head, p) in cands {
+            if head != token && p > 0.0 {
+                out.push(Hedge {
+                    anchor,
+                    head,
+                    chance: survive * (1.0 - p_accept) * (p / others).min(1.0),
+                });
+            }
+        }
+        survive *= p_accept;
+    }
+    out.sort_by(|a, b| b.chance.total_cmp(&a.chance));
+    out
+}
+
+/// How many of `hedges` (ranked, most likely first) to draft beside
+/// `branches` main branches, so that the next round's expected committed
+/// tokens are largest for the same draft time.
+///
+/// All rows of a round are drafted in the same batched steps: with `rows`
+/// rows, each gets `1 + ⌊(γ − 1) / cost(rows)⌋` tokens, where `cost(rows)`
+/// is a `rows`-row step's measured cost in one-row steps. The next round
+/// verifies the adopted row's tail (its tokens after the head), of which it
+/// keeps on average `Σ_{i=1}^{n−1} α^i` (`alpha`: the chance a drafted
+/// token is accepted). The plan maximizes
+/// `(main_chance + Σ chosen chances) · kept(rows)` over the hedge count, at
+/// most [`MAX_HEDGES`]; ties go to fewer hedges.
+pub fn hedge_count(
+    main_chance: f32,
+    hedges: &[Hedge],
+    branches: usize,
+    gamma: usize,
+    alpha: f64,
+    cost: impl Fn(usize) -> f64,
+) -> usize {
+    let alpha = alpha.clamp(0.0, 0.999);
+    let kept = |rows: usize| {
+        let steps = gamma.saturating_sub(1) as f64 / cost(rows).max(1.0);
+        let tail = steps.floor() as i32;
+        (1..=tail).map(|i| alpha.powi(i)).sum::<f64>()
+    };
+    let mut best = (f64::from(main_chance) * kept(branches), 0);
+    let mut chance = f64::from(main_chance);
+    for (n, h) in hedges.iter().take(MAX_HEDGES).enumerate() {
+        chance += f64::from(h.chance);
+        let value = chance * kept(branches + n + 1);
+        if value > best.0 + 1e-9 {
+            best = (value, n + 1);
+        }
+    }
+    best.1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +291,52 @@ mod tests {
             BranchPolicy::new(8).branch_heads(d.entries(), 3),
             vec![5, 6, 7]
         );
+    }
+
+    #[test]
+    fn hedges_rank_by_survival_times_candidate() {
+        // Tail [1, 2]; the draft gave 1 0.6 (alt 7: 0.3), then 2 0.5 (alt 8: 0.4).
+        let alts = vec![vec![(1, 0.6), (7, 0.3)], vec![(2, 0.5), (8, 0.4)]];
+        let h = rank_hedges(&[1, 2], &alts, &[]);
+        assert_eq!(h.len(), 2);
+        assert_eq!((h[0].anchor, h[0].head), (0, 7));
+        assert!((h[0].chance - 0.3).abs() < 1e-6);
+        assert_eq!((h[1].anchor, h[1].head), (1, 8));
+        assert!((h[1].chance - 0.24).abs() < 1e-6);
+        // The tail's own tokens are never hedges; unknown positions end it.
+        let h = rank_hedges(&[1, 2, 3], &[vec![(1, 1.0)], vec![], vec![(9, 0.5)]], &[]);
+        assert!(h.is_empty());
+        assert!(rank_hedges(&[], &[], &[]).is_empty());
+        // Measured acceptance moves the hedges to where rejections happen:
+        // position 0 is always accepted, position 1 half the time.
+        let h = rank_hedges(&[1, 2], &alts, &[Some(1.0), Some(0.5)]);
+        assert_eq!((h[0].anchor, h[0].head), (1, 8));
+        assert!((h[0].chance - 0.5 * 0.8).abs() < 1e-6, "{h:?}");
+        assert_eq!(h[1].chance, 0.0);
+    }
+
+    #[test]
+    fn hedge_count_follows_measured_step_costs() {
+        let hedges: Vec<Hedge> = (0..10)
+            .map(|i| Hedge {
+                anchor: i,
+                head: 100 + i as u32,
+                chance: 0.1,
+            })
+            .collect();
+        // Rows are free: every hedge (up to the cap) pays.
+        assert_eq!(hedge_count(0.3, &hedges, 1, 9, 0.8, |_| 1.0), MAX_HEDGES);
+        // Every extra row doubles the step: none pays.
+        assert_eq!(hedge_count(0.3, &hedges, 1, 9, 0.8, |r| r as f64), 0);
+        // No hedges offered, or no budget past the head: none.
+        assert_eq!(hedge_count(0.3, &[], 1, 9, 0.8, |_| 1.0), 0);
+        assert_eq!(hedge_count(0.3, &hedges, 1, 1, 0.8, |_| 1.0), 0);
+        // Unlikely hedges at a mild cost: some but not all.
+        let unlikely: Vec<Hedge> = hedges
+            .iter()
+            .map(|h| Hedge { chance: 0.02, ..*h })
+            .collect();
+        let n = hedge_count(0.3, &unlikely, 2, 9, 0.8, |r| 1.0 + 0.15 * (r - 1) as f64);
+        assert!(n > 0 && n < MAX_HEDGES, "{n}");
     }
 }

@@ -53,6 +53,47 @@ pub struct RoundOutcome {
     pub branches: usize,
     /// The branch whose head matched the drawn token, if any.
     pub branch_hit: Option<usize>,
+    /// Of `branches`, the hedges: branches anchored inside the tail (a
+    /// likely correction at a position the tail may be rejected at).
+    pub hedges: usize,
+    /// The matched branch was a hedge: the tail was rejected at its anchor
+    /// and the target drew its head there, so the next round verifies the
+    /// hedge's tail instead of a lone token.
+    pub hedge_hit: bool,
+    /// Where this round's tail came from.
+    pub kind: RoundKind,
+}
+
+/// Where a round's tail came from: what the target verified besides the
+/// last committed token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundKind {
+    /// No tail: the target feeds the prompt (the first round) or the one
+    /// token a rejection or a branch miss left (pre-verify).
+    #[default]
+    Lone,
+    /// The tail of a branch drafted after the whole previous tail.
+    Branch,
+    /// The tail of a hedge adopted after a rejection.
+    Hedge,
+    /// Speculative mode's chain, drafted before the target ran.
+    Chain,
+}
+
+impl RoundKind {
+    /// Every kind, in a fixed order (for metrics and reports).
+    pub const ALL: [RoundKind; 4] = [Self::Lone, Self::Branch, Self::Hedge, Self::Chain];
+
+    /// The kind's name, as in metrics labels and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lone => "lone",
+            Self::Branch => "branch",
+            Self::Hedge => "hedge",
+            Self::Chain => "chain",
+        }
+    }
 }
 
 impl RoundOutcome {
@@ -88,6 +129,16 @@ pub enum RoundError {
     Verdict { accepted: usize, tail: usize },
     #[error("a branch is empty")]
     EmptyBranch,
+    #[error(
+        "branch {branch}: anchor {anchor} {why} (the tail has {tail} tokens; an anchor is a \
+         tail position, and a hedge's head must differ from the tail token it replaces)"
+    )]
+    Anchor {
+        branch: usize,
+        anchor: usize,
+        tail: usize,
+        why: &'static str,
+    },
     #[error("set_tail is only allowed on a round with no pending tail")]
     TailAlreadySet,
     #[error("{got} proposals for {tokens} drafted tokens (give one per token, or none)")]
@@ -107,6 +158,8 @@ pub struct Round {
     tail_q: Vec<Distribution>,
     target_len: usize,
     draft_sync: DraftSync,
+    /// Where the tail came from.
+    tail_kind: RoundKind,
 }
 
 impl Round {
@@ -126,6 +179,7 @@ impl Round {
             tail_q: Vec::new(),
             target_len: 0,
             draft_sync,
+            tail_kind: RoundKind::Lone,
         }
     }
 
@@ -211,6 +265,11 @@ impl Round {
                 tokens: chain.len(),
             });
         }
+        self.tail_kind = if chain.is_empty() {
+            RoundKind::Lone
+        } else {
+            RoundKind::Chain
+        };
         self.tail = chain;
         self.tail_q = proposals;
         Ok(())
@@ -269,17 +328,33 @@ impl Round {
     /// branch headed by `next` as the new pending branch (its head matched
     /// the target's own draw; the rest, with its proposals, is the new
     /// tail), and computes what each side keeps. On error nothing changes.
+    /// The same as [`Self::apply_anchored`] with every branch anchored at
+    /// the end of the tail.
     pub fn apply(
         &mut self,
         verdict: ChainVerdict,
         branches: &[Vec<u32>],
         proposals: &[Vec<Distribution>],
     ) -> Result<RoundOutcome, RoundError> {
-        let ChainVerdict { accepted, next } = verdict;
+        self.apply_anchored(verdict, branches, &[], proposals)
+    }
+
+    /// Checks the draft's branches for this round before they are used:
+    /// none empty; `anchors` empty (every branch after the whole tail) or
+    /// one per branch (`None`: after the whole tail), each at most the
+    /// tail's length; a hedge (anchor
+    /// inside the tail) headed by a token other than the tail's there; no
+    /// two branches with the same anchor and head; `proposals` empty or one
+    /// list per branch, one per token. A tree that fails is its draft
+    /// worker's fault: the caller drops it (the round goes on without
+    /// branches), never the generation.
+    pub fn check_branches(
+        &self,
+        branches: &[Vec<u32>],
+        anchors: &[Option<usize>],
+        proposals: &[Vec<Distribution>],
+    ) -> Result<(), RoundError> {
         let m = self.tail.len();
-        if accepted > m {
-            return Err(RoundError::Verdict { accepted, tail: m });
-        }
         if branches.iter().any(Vec::is_empty) {
             return Err(RoundError::EmptyBranch);
         }
@@ -295,6 +370,61 @@ impl Round {
                 tokens: branches.iter().map(Vec::len).sum(),
             });
         }
+        if anchors.is_empty() {
+            return Ok(());
+        }
+        let bad = |branch: usize, anchor: usize, why| RoundError::Anchor {
+            branch,
+            anchor,
+            tail: m,
+            why,
+        };
+        if anchors.len() != branches.len() {
+            return Err(bad(
+                anchors.len(),
+                0,
+                "list does not give one anchor per branch",
+            ));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(branches.len());
+        for (j, (a, b)) in anchors.iter().zip(branches).enumerate() {
+            let a = a.unwrap_or(m);
+            if a > m {
+                return Err(bad(j, a, "is past the end of the tail"));
+            }
+            if a < m && b[0] == self.tail[a] {
+                return Err(bad(j, a, "heads a hedge with the tail's own token"));
+            }
+            if !seen.insert((a, b[0])) {
+                return Err(bad(j, a, "repeats another branch's anchor and head"));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::apply`] with each branch's anchor: branch `j` continues
+    /// `C + tail[..a]` for `anchors[j] = Some(a)` (the whole tail for
+    /// `None`, or when `anchors` is empty). The pending branch becomes the one anchored where the tail
+    /// stopped being accepted and headed by the target's draw there: after
+    /// a rejection at `a`, a *hedge* anchored at `a`; after a fully
+    /// accepted tail, a branch anchored at its end. Lossless either way:
+    /// what is committed is the verdict's alone, and the adopted branch's
+    /// tail is verified next round like any tail. Errors as
+    /// [`Self::check_branches`]; on error nothing changes.
+    pub fn apply_anchored(
+        &mut self,
+        verdict: ChainVerdict,
+        branches: &[Vec<u32>],
+        anchors: &[Option<usize>],
+        proposals: &[Vec<Distribution>],
+    ) -> Result<RoundOutcome, RoundError> {
+        let ChainVerdict { accepted, next } = verdict;
+        let m = self.tail.len();
+        if accepted > m {
+            return Err(RoundError::Verdict { accepted, tail: m });
+        }
+        self.check_branches(branches, anchors, proposals)?;
+        let anchor = |j: usize| anchors.get(j).copied().flatten().unwrap_or(m);
         let old_len = self.committed.len();
         let tail = std::mem::take(&mut self.tail);
         self.tail_q.clear();
@@ -302,14 +432,23 @@ impl Round {
         committed_now.push(next);
         self.committed.extend_from_slice(&committed_now);
         self.target_len = self.committed.len() - 1;
-        let heads: Vec<u32> = branches.iter().map(|b| b[0]).collect();
-        let hit = if accepted == m {
-            choose_branch(&heads, next)
-        } else {
-            None
-        };
+        // The branches anchored where the tail stopped: their heads are
+        // distinct (checked), so the target's draw picks at most one.
+        let candidates: Vec<usize> = (0..branches.len())
+            .filter(|&j| anchor(j) == accepted)
+            .collect();
+        let heads: Vec<u32> = candidates.iter().map(|&j| branches[j][0]).collect();
+        let hit = choose_branch(&heads, next).map(|i| candidates[i]);
+        let hedges = (0..branches.len()).filter(|&j| anchor(j) < m).count();
+        let kind = self.tail_kind;
+        self.tail_kind = RoundKind::Lone;
         match hit {
             Some(j) => {
+                self.tail_kind = if anchor(j) < m {
+                    RoundKind::Hedge
+                } else {
+                    RoundKind::Branch
+                };
                 self.tail = branches[j][1..].to_vec();
                 if let Some(q) = proposals.get(j) {
                     self.tail_q = q[1..].to_vec();
@@ -342,6 +481,9 @@ impl Round {
             tail_accepted: accepted,
             branches: branches.len(),
             branch_hit: hit,
+            hedges,
+            hedge_hit: hit.is_some_and(|j| anchor(j) < m),
+            kind,
         })
     }
 }
@@ -511,5 +653,148 @@ mod tests {
         // A failed resolve changed nothing.
         assert_eq!(r.tail(), &[6, 7]);
         assert_eq!(r.committed(), &[1, 5]);
+    }
+
+    /// A round with tail [6, 7, 8] after prompt [1] and head 5.
+    fn tail_678() -> Round {
+        let mut r = Round::new(vec![1]);
+        r.resolve(
+            &greedy(&[5]),
+            &[vec![5, 6, 7, 8]],
+            &[],
+            &mut rng_from_seed(0),
+        )
+        .unwrap();
+        assert_eq!(r.tail(), &[6, 7, 8]);
+        r
+    }
+
+    /// Hedges at every tail position (heads 90 + a, continuing with a + 1
+    /// tokens) and two branches after the whole tail (heads 40, 41).
+    fn hedged_offer() -> (Vec<Vec<u32>>, Vec<Option<usize>>) {
+        let mut branches = vec![vec![40, 1], vec![41, 2, 3]];
+        let mut anchors = vec![None, None];
+        for a in 0..3u32 {
+            let mut b = vec![90 + a];
+            b.extend(std::iter::repeat_n(70 + a, a as usize + 1));
+            branches.push(b);
+            anchors.push(Some(a as usize));
+        }
+        (branches, anchors)
+    }
+
+    #[test]
+    fn every_verdict_meets_every_anchor() {
+        let (branches, anchors) = hedged_offer();
+        // Rejected at a, the target drawing the hedge's head there: the
+        // hedge becomes the pending branch.
+        for a in 0..3usize {
+            let mut r = tail_678();
+            let next = 90 + a as u32;
+            let out = r
+                .apply_anchored(ChainVerdict { accepted: a, next }, &branches, &anchors, &[])
+                .unwrap();
+            let mut want = [6, 7, 8][..a].to_vec();
+            want.push(next);
+            assert_eq!(out.committed, want);
+            assert_eq!(out.branch_hit, Some(2 + a));
+            assert!(out.hedge_hit && out.rejected());
+            assert_eq!((out.hedges, out.kind), (3, RoundKind::Branch));
+            assert_eq!(r.tail(), &vec![70 + a as u32; a + 1][..]);
+            assert_eq!(r.committed().len(), 2 + a + 1);
+            assert_eq!(
+                r.draft_sync(),
+                &DraftSync {
+                    adopt: Some(2 + a),
+                    keep: r.committed().len() + a + 1,
+                    append: vec![]
+                }
+            );
+            assert_eq!(r.target_feed(), {
+                let mut f = vec![next];
+                f.extend(vec![70 + a as u32; a + 1]);
+                f
+            });
+            // The next round's tail is the hedge's: its kind says so.
+            let out = r
+                .apply_anchored(
+                    ChainVerdict {
+                        accepted: 0,
+                        next: 3,
+                    },
+                    &[],
+                    &[],
+                    &[],
+                )
+                .unwrap();
+            assert_eq!(out.kind, RoundKind::Hedge);
+            // A hedge of another position, or another head: no hit.
+            for (acc, next) in [(a, 99), ((a + 1) % 3, next)] {
+                let mut r = tail_678();
+                let out = r
+                    .apply_anchored(
+                        ChainVerdict {
+                            accepted: acc,
+                            next,
+                        },
+                        &branches,
+                        &anchors,
+                        &[],
+                    )
+                    .unwrap();
+                assert_eq!(out.branch_hit, None, "accepted {acc}, next {next}");
+                assert!(!out.hedge_hit);
+                assert!(r.tail().is_empty());
+                assert_eq!(r.draft_sync().append, vec![next]);
+            }
+        }
+        // The whole tail accepted: a branch after it, never a hedge.
+        for (next, hit) in [(41, Some(1)), (40, Some(0)), (90, None), (50, None)] {
+            let mut r = tail_678();
+            let out = r
+                .apply_anchored(ChainVerdict { accepted: 3, next }, &branches, &anchors, &[])
+                .unwrap();
+            assert_eq!(out.branch_hit, hit, "next {next}");
+            assert!(!out.hedge_hit);
+            assert_eq!(out.committed, vec![6, 7, 8, next]);
+        }
+    }
+
+    #[test]
+    fn malformed_anchors_are_refused_and_change_nothing() {
+        let v = ChainVerdict {
+            accepted: 1,
+            next: 9,
+        };
+        for (branches, anchors) in [
+            (vec![vec![9]], vec![Some(4)]),                      // past the tail
+            (vec![vec![7]], vec![Some(1)]),                      // the tail's own token
+            (vec![vec![9], vec![9, 1]], vec![Some(1), Some(1)]), // repeated
+            (vec![vec![9], vec![10]], vec![Some(1)]),            // one anchor for two
+        ] {
+            let mut r = tail_678();
+            let err = r.apply_anchored(v, &branches, &anchors, &[]).unwrap_err();
+            assert!(matches!(err, RoundError::Anchor { .. }), "{err}");
+            assert!(err.to_string().contains("anchor"), "{err}");
+            assert_eq!(r.tail(), &[6, 7, 8]);
+            assert_eq!(r.committed(), &[1, 5]);
+        }
+        // Some(len) is the end of the tail, as None.
+        let mut r = tail_678();
+        let out = r
+            .apply_anchored(
+                ChainVerdict {
+                    accepted: 3,
+                    next: 9,
+                },
+                &[vec![9, 1]],
+                &[Some(3)],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(
+            (out.branch_hit, out.hedge_hit, out.hedges),
+            (Some(0), false, 0)
+        );
     }
 }

@@ -88,6 +88,7 @@ pub(super) fn param_in(message: &str, chat: bool) -> Option<String> {
         ("stop sequence", "stop"),
         ("gamma", "gamma"),
         ("max_branches", "max_branches"),
+        ("max_hedges", "max_hedges"),
         ("token id", prompt),
         ("prompt", prompt),
     ]

@@ -23,6 +23,7 @@ pub(super) struct Common {
     pub(super) mode: pb::Mode,
     pub(super) gamma: Option<u32>,
     pub(super) max_branches: Option<u32>,
+    pub(super) max_hedges: Option<u32>,
     pub(super) top_k: Option<u32>,
     pub(super) greedy_drafts: bool,
 }
@@ -125,6 +126,7 @@ pub(super) fn common(f: &mut Fields) -> Result<Common, ApiError> {
         mode,
         gamma: f.get("gamma")?,
         max_branches: f.get("max_branches")?,
+        max_hedges: f.get("max_hedges")?,
         top_k: f.get("top_k")?,
         greedy_drafts: f.get("greedy_drafts")?.unwrap_or(false),
     })
@@ -148,6 +150,7 @@ pub(super) fn to_request(
         mode: c.mode as i32,
         gamma: c.gamma,
         max_branches: c.max_branches,
+        max_hedges: c.max_hedges,
         logprobs,
         greedy_drafts: c.greedy_drafts,
     }
