@@ -280,6 +280,7 @@ impl Drafter {
     /// keeps for hedging; any other change leaves no tail it drafted.
     fn apply(&mut self, sync: &DraftSync) -> Result<(), RuntimeError> {
         self.observe_verdict(sync);
+        let context_before = self.context_len();
         let multi = self.multi.take();
         let drafted = std::mem::take(&mut self.drafted);
         let mut adopted_len = None;
@@ -325,7 +326,14 @@ impl Drafter {
         }
         self.unfed.extend_from_slice(&sync.append);
         // The adopted branch, whole, is the context's end: its tokens after
-        // the head are the tail, with the candidates drafted for them.
+        // the head are the tail, with the candidates drafted for them. A
+        // sync that changes nothing after a single chain (duodecoding's
+        // fallback chain, which the target verifies whole) makes the whole
+        // chain the tail.
+        let unchanged = sync.adopt.is_none()
+            && sync.append.is_empty()
+            && sync.keep == context_before
+            && drafted.len() == 1;
         self.tail = match (sync.adopt, adopted_len) {
             (Some(j), Some(len)) if len == self.context_len() => drafted
                 .into_iter()
@@ -335,6 +343,7 @@ impl Drafter {
                     c
                 })
                 .unwrap_or_default(),
+            (None, _) if unchanged => drafted.into_iter().next().unwrap_or_default(),
             _ => Vec::new(),
         };
         if self.tail.len() > self.context_len() {

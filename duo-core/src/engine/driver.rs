@@ -150,6 +150,9 @@ pub struct Stats {
     pub hedge_hits: usize,
     /// Rounds that committed a single token.
     pub single_token_rounds: usize,
+    /// Duodecoding rounds that drafted a short serial chain first, because
+    /// they would otherwise have verified a lone token.
+    pub fallback_chains: usize,
     /// Rounds and the tokens they committed, by where the round's tail came
     /// from (`lone`: none; `branch`, `hedge`, `chain`).
     pub round_kinds: BTreeMap<RoundKind, KindCount>,

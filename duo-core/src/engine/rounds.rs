@@ -209,10 +209,12 @@ impl<'a> GenerationLoop<'a> {
 
     /// The draft's part before the target runs: speculative mode drafts a
     /// chain and waits for it (it becomes the tail the target verifies);
-    /// duodecoding submits a job that runs while the target works. A draft
-    /// that is not ready makes the round draftless. Invariant: γ leaves
-    /// room for the target's own token within the tokens left and stays
-    /// within the draft's context (`room`); γ = 0 drafts nothing.
+    /// duodecoding submits a job that runs while the target works — after
+    /// a short serial chain first when the round would otherwise verify a
+    /// lone token and such a chain pays ([`Self::fallback_chain_len`]). A
+    /// draft that is not ready makes the round draftless. Invariant: γ
+    /// leaves room for the target's own token within the tokens left and
+    /// stays within the draft's context (`room`); γ = 0 drafts nothing.
     fn draft(
         &mut self,
         sync: DraftSync,
@@ -225,84 +227,153 @@ impl<'a> GenerationLoop<'a> {
             running: false,
         };
         let params = self.params;
-        let stats = &mut self.stats;
-        match (params.mode, self.draft.as_deref_mut()) {
-            (Mode::Autoregressive, _) | (_, None) => {}
-            (_, Some(_)) if !self.health.ready => stats.draftless_rounds += 1,
-            (Mode::Speculative, Some(d)) => {
-                let gamma = params
-                    .gamma
-                    .unwrap_or(DEFAULT_SPS_GAMMA)
-                    .min(remaining.saturating_sub(1))
-                    .min(room.saturating_sub(1));
-                if gamma > 0 {
-                    let job = DraftJob {
-                        sync,
-                        gamma,
-                        policy: BranchPolicy::new(1),
-                        first_verified: true,
-                        max_hedges: 0,
-                    };
-                    match d.submit(job).and_then(|()| d.collect()) {
-                        Ok(tree) => {
-                            self.health.fresh = false;
-                            // The chain becomes the tail below: its bytes count here.
-                            stats.draft_wire_bytes += tree.wire_bytes();
-                            stats.target_idle_ms += round_start.elapsed().as_secs_f64() * 1e3;
-                            self.gamma_sum += gamma;
-                            *stats.gamma_hist.entry(gamma).or_default() += 1;
-                            self.draft_rounds += 1;
-                            let mut chain = tree.branches.first().cloned().unwrap_or_default();
-                            chain.truncate(gamma);
-                            let mut qs = tree.proposals.first().cloned().unwrap_or_default();
-                            qs.truncate(chain.len());
-                            self.round.set_tail(chain, qs)?;
-                            // The chain became the tail: no branches for the next token.
-                            drafted.tree = Some(DraftTree {
-                                branches: Vec::new(),
-                                anchors: Vec::new(),
-                                proposals: Vec::new(),
-                                ..tree
-                            });
-                        }
-                        Err(e) => self.health.failed(d, e, stats)?,
-                    }
-                }
+        if params.mode == Mode::Autoregressive || self.draft.is_none() {
+            return Ok(drafted);
+        }
+        if !self.health.ready {
+            self.stats.draftless_rounds += 1;
+            return Ok(drafted);
+        }
+        if params.mode == Mode::Speculative {
+            let gamma = params
+                .gamma
+                .unwrap_or(DEFAULT_SPS_GAMMA)
+                .min(remaining.saturating_sub(1))
+                .min(room.saturating_sub(1));
+            if gamma > 0 {
+                drafted.tree = self.serial_chain(sync, gamma, round_start)?;
             }
-            (Mode::Duodecoding, Some(d)) => {
-                // The controller balances γ draft steps against the target's
-                // forward; the draft also spends one forward catching up on
-                // the synced tokens, so it gets one step less.
-                let gamma = params
-                    .gamma
-                    .unwrap_or_else(|| {
-                        self.budget
-                            .choose_gamma(self.round.target_feed_len())
-                            .saturating_sub(1)
-                            .max(1)
-                    })
-                    .min(remaining.saturating_sub(self.round.tail().len() + 1))
-                    .min(room);
-                if gamma > 0 {
-                    match d.submit(DraftJob {
-                        sync,
-                        gamma,
-                        policy: self.policy,
-                        first_verified: false,
-                        max_hedges: params.max_hedges,
-                    }) {
-                        Ok(()) => {
-                            drafted.running = true;
-                            self.gamma_sum += gamma;
-                            *stats.gamma_hist.entry(gamma).or_default() += 1;
-                            self.draft_rounds += 1;
-                        }
-                        Err(e) => self.health.failed(d, e, stats)?,
-                    }
+            return Ok(drafted);
+        }
+        let mut sync = sync;
+        let chain = self.fallback_chain_len(remaining, room);
+        if chain > 0 {
+            match self.serial_chain(sync, chain, round_start)? {
+                Some(tree) => {
+                    // The chain is the tail now; the draft holds C + chain.
+                    self.stats.draft_busy_ms += tree.secs * 1e3;
+                    self.stats.fallback_chains += 1;
+                    sync = DraftSync {
+                        adopt: None,
+                        keep: self.round.draft_context_len(),
+                        append: Vec::new(),
+                    };
                 }
+                None if !self.health.ready => return Ok(drafted),
+                None => sync = self.round.full_draft_sync(),
+            }
+        }
+        // The controller balances γ draft steps against the target's
+        // forward; the draft also spends one forward catching up on the
+        // synced tokens, so it gets one step less.
+        let gamma = params
+            .gamma
+            .unwrap_or_else(|| {
+                self.budget
+                    .choose_gamma(self.round.target_feed_len())
+                    .saturating_sub(1)
+                    .max(1)
+            })
+            .min(remaining.saturating_sub(self.round.tail().len() + 1))
+            .min(room.saturating_sub(self.round.tail().len()));
+        let Some(d) = self.draft.as_deref_mut() else {
+            return Ok(drafted);
+        };
+        if gamma > 0 {
+            match d.submit(DraftJob {
+                sync,
+                gamma,
+                policy: self.policy,
+                first_verified: false,
+                max_hedges: params.max_hedges,
+            }) {
+                Ok(()) => {
+                    drafted.running = true;
+                    self.gamma_sum += gamma;
+                    *self.stats.gamma_hist.entry(gamma).or_default() += 1;
+                    self.draft_rounds += 1;
+                }
+                Err(e) => self.health.failed(d, e, &mut self.stats)?,
             }
         }
         Ok(drafted)
+    }
+
+    /// Drafts a chain of `gamma` tokens and waits for it, the target idle,
+    /// then makes it this round's tail (speculative mode's every round;
+    /// duodecoding's fallback). Returns the drafting's tree without its
+    /// branches (its costs still count), or `None` when the draft failed
+    /// (the round goes on without it, the draft left to recover).
+    fn serial_chain(
+        &mut self,
+        sync: DraftSync,
+        gamma: usize,
+        round_start: Instant,
+    ) -> Result<Option<DraftTree>, EngineError> {
+        let Some(d) = self.draft.as_deref_mut() else {
+            return Ok(None);
+        };
+        let job = DraftJob {
+            sync,
+            gamma,
+            policy: BranchPolicy::new(1),
+            first_verified: true,
+            max_hedges: 0,
+        };
+        let tree = match d.submit(job).and_then(|()| d.collect()) {
+            Ok(tree) => tree,
+            Err(e) => {
+                self.health.failed(d, e, &mut self.stats)?;
+                return Ok(None);
+            }
+        };
+        let stats = &mut self.stats;
+        self.health.fresh = false;
+        // The chain becomes the tail below: its bytes count here.
+        stats.draft_wire_bytes += tree.wire_bytes();
+        stats.target_idle_ms += round_start.elapsed().as_secs_f64() * 1e3;
+        self.gamma_sum += gamma;
+        *stats.gamma_hist.entry(gamma).or_default() += 1;
+        self.draft_rounds += 1;
+        let mut chain = tree.branches.first().cloned().unwrap_or_default();
+        chain.truncate(gamma);
+        let mut qs = tree.proposals.first().cloned().unwrap_or_default();
+        qs.truncate(chain.len());
+        self.round.set_tail(chain, qs)?;
+        // The chain became the tail: no branches for the next token.
+        Ok(Some(DraftTree {
+            branches: Vec::new(),
+            anchors: Vec::new(),
+            proposals: Vec::new(),
+            ..tree
+        }))
+    }
+
+    /// The length of the serial chain a duodecoding round drafts before its
+    /// forward, 0 for none: only when the round would verify nothing but
+    /// its last committed token (a rejection or a branch miss left no
+    /// pending tail; never the prefill), and as long as pays by
+    /// [`fallback_chain_len`](crate::speculative::policy::fallback_chain_len)
+    /// at this generation's measured acceptance and the measured cost of a
+    /// draft step against the target's forward. Off with a fixed γ.
+    fn fallback_chain_len(&self, remaining: usize, room: usize) -> usize {
+        if self.first_round
+            || !self.round.tail().is_empty()
+            || self.params.gamma.is_some()
+            || self.health.fresh
+        {
+            return 0;
+        }
+        let Some(ratio) = self.budget.draft_over_target(1) else {
+            return 0;
+        };
+        let offered: usize = self.stats.tail_offered_by_pos.iter().sum();
+        let accepted: usize = self.stats.tail_accepted_by_pos.iter().sum();
+        // Laplace's rule: one accepted and one rejected token assumed.
+        let alpha = (accepted as f64 + 1.0) / (offered as f64 + 2.0);
+        crate::speculative::policy::fallback_chain_len(alpha, ratio, DEFAULT_SPS_GAMMA * 2)
+            .min(remaining.saturating_sub(1))
+            .min(room.saturating_sub(1))
     }
 
     /// The target verifies the pending tail next to its logits and draws

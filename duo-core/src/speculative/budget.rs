@@ -245,6 +245,14 @@ impl BudgetController {
         gamma
     }
 
+    /// A draft step's measured cost over a target forward of `target_tokens`
+    /// tokens, once both have been measured.
+    pub fn draft_over_target(&self, target_tokens: usize) -> Option<f64> {
+        let step = self.draft_step.get()?;
+        let target = self.target_time(target_tokens.max(1))?;
+        (target > 0.0).then(|| step / target)
+    }
+
     /// Current estimates and decision history.
     pub fn report(&self) -> BudgetReport {
         let ms = |s: f64| s * 1e3;

@@ -193,6 +193,31 @@ pub fn hedge_count(
     best.1
 }
 
+/// The length of a serial chain to draft before a round that would verify
+/// a lone token (a duodecoding round after a rejection or a branch miss):
+/// the `γ` in `0..=max` that maximizes tokens per unit of time,
+/// `(1 + α + … + α^γ) / (1 + γ·r)` — the round commits its drawn token
+/// plus the chain's accepted prefix (each token accepted with chance
+/// `alpha`), and costs one target forward plus `γ` draft steps of `ratio`
+/// forwards each, the target idle meanwhile. `γ = 0` is the lone round.
+pub fn fallback_chain_len(alpha: f64, ratio: f64, max: usize) -> usize {
+    let alpha = alpha.clamp(0.0, 1.0);
+    if !ratio.is_finite() || ratio < 0.0 {
+        return 0;
+    }
+    let mut best = (1.0, 0);
+    let (mut tokens, mut power) = (1.0, 1.0);
+    for g in 1..=max {
+        power *= alpha;
+        tokens += power;
+        let rate = tokens / (1.0 + g as f64 * ratio);
+        if rate > best.0 + 1e-12 {
+            best = (rate, g);
+        }
+    }
+    best.1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +363,19 @@ mod tests {
             .collect();
         let n = hedge_count(0.3, &unlikely, 2, 9, 0.8, |r| 1.0 + 0.15 * (r - 1) as f64);
         assert!(n > 0 && n < MAX_HEDGES, "{n}");
+    }
+
+    #[test]
+    fn fallback_chain_pays_only_when_drafting_is_cheap_and_accepted() {
+        // A GPU-like target: a draft step is 1/20 of a forward.
+        let g = fallback_chain_len(0.6, 0.05, 8);
+        assert!((2..=6).contains(&g), "{g}");
+        // Nothing is accepted: no chain.
+        assert_eq!(fallback_chain_len(0.0, 0.05, 8), 0);
+        // A draft step as dear as a forward (the small regime): no chain.
+        assert_eq!(fallback_chain_len(0.6, 1.0, 8), 0);
+        // Always accepted, free: as long as allowed.
+        assert_eq!(fallback_chain_len(1.0, 0.0, 8), 8);
+        assert_eq!(fallback_chain_len(0.9, f64::NAN, 8), 0);
     }
 }
