@@ -596,8 +596,11 @@ pub async fn serve_http<L>(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt;
     let mut http = hyper::server::conn::http1::Builder::new();
+    // half_close: a client that shuts its writing side after a complete
+    // request (`nc -N`, small socket clients) still gets its response.
     http.timer(TokioTimer::new())
-        .header_read_timeout(read_timeout);
+        .header_read_timeout(read_timeout)
+        .half_close(true);
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         stop.await;

@@ -151,7 +151,6 @@ pub(super) fn chat_stops(
 }
 
 /// Most bytes of a chat request body (axum's default `Json` limit).
-const BODY_LIMIT: usize = 2 << 20;
 
 pub(super) async fn chat_completions(
     State(orch): State<Orchestrator>,
@@ -162,13 +161,18 @@ pub(super) async fn chat_completions(
     // their order, as a template's `tojson` writes the tools (Python dicts
     // keep theirs).
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, BODY_LIMIT).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("cannot read the request body (at most {BODY_LIMIT} bytes): {e}"),
-            "invalid_request_error",
-        )
-    })?;
+    let bytes = axum::body::to_bytes(body, super::BODY_LIMIT)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "cannot read the request body (at most {} bytes): {e}",
+                    super::BODY_LIMIT
+                ),
+                "invalid_request_error",
+            )
+        })?;
     let ordered: Option<JsonValue> = serde_json::from_slice(&bytes).ok();
     let body: Result<Json<Value>, JsonRejection> = Json::from_request(
         axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)),

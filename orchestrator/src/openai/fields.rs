@@ -24,7 +24,21 @@ pub(super) struct Fields {
 impl Fields {
     /// The request body.
     pub(super) fn body(body: Result<Json<Value>, JsonRejection>) -> Result<Self, ApiError> {
-        let Json(v) = body.map_err(|e| bad(format!("invalid JSON body: {}", e.body_text())))?;
+        let Json(v) = body.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    e.status(),
+                    format!(
+                        "the request body is larger than this server's limit of {} bytes: \
+                         send a shorter prompt",
+                        super::BODY_LIMIT
+                    ),
+                    "invalid_request_error",
+                )
+            } else {
+                bad(format!("invalid JSON body: {}", e.body_text()))
+            }
+        })?;
         match v {
             Value::Object(map) => Ok(Fields {
                 map,

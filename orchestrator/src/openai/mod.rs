@@ -34,6 +34,10 @@ use error::ApiError;
 /// The model name clients see.
 pub const MODEL_ID: &str = "duo";
 
+/// The largest request body the OpenAI endpoints read (2 MiB); a larger
+/// one is answered 413 with this limit named.
+pub(super) const BODY_LIMIT: usize = 2 << 20;
+
 pub fn router(orch: Orchestrator) -> Router {
     Router::new()
         .route("/v1/completions", post(completions::completions))
@@ -42,6 +46,7 @@ pub fn router(orch: Orchestrator) -> Router {
         .route("/v1/models/{id}", get(model))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(orch)
 }
 
