@@ -150,7 +150,6 @@ pub(super) fn chat_stops(
     Ok(stop)
 }
 
-/// Most bytes of a chat request body (axum's default `Json` limit).
 
 pub(super) async fn chat_completions(
     State(orch): State<Orchestrator>,
