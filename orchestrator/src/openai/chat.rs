@@ -150,7 +150,8 @@ pub(super) fn chat_stops(
     Ok(stop)
 }
 
-
+/// `POST /v1/chat/completions`: the chat rendered by the model's template,
+/// generated as a completion (streamed as chat chunks when asked).
 pub(super) async fn chat_completions(
     State(orch): State<Orchestrator>,
     request: axum::extract::Request,
