@@ -26,17 +26,32 @@ async fn metrics_are_exposed_and_add_up() {
         .enumerate()
     {
         let prompt = format!("KING. Speak, {i}");
-        if i % 2 == 0 {
-            let g = client.generate(greedy(&prompt, mode, 40)).await.unwrap();
-            tokens += g.into_inner().token_ids.len();
+        let (n, stats) = if i % 2 == 0 {
+            let g = client
+                .generate(greedy(&prompt, mode, 40))
+                .await
+                .unwrap()
+                .into_inner();
+            (g.token_ids.len(), g.stats.unwrap())
         } else {
             let s = client
                 .generate_stream(greedy(&prompt, mode, 40))
                 .await
                 .unwrap()
                 .into_inner();
-            tokens += common::drain(s, Vec::new()).await.unwrap().tokens.len();
-        }
+            let d = common::drain(s, Vec::new()).await.unwrap();
+            (d.tokens.len(), d.stats)
+        };
+        // One definition in every mode: each round commits its accepted
+        // draft tokens plus one of its own (a stop can only cut the last).
+        let committed = (stats.rounds + stats.accepted) as usize;
+        assert!(
+            committed >= n && (committed == n || stats.new_tokens < 40),
+            "{mode:?}: {} rounds + {} accepted for {n} tokens",
+            stats.rounds,
+            stats.accepted
+        );
+        tokens += n;
         requests += 1;
     }
     // An invalid request counts as one, with its code.

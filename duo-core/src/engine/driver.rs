@@ -117,9 +117,12 @@ pub struct Stats {
     pub new_tokens: usize,
     /// Target forward passes.
     pub rounds: usize,
-    /// Draft tokens put to verification (tail tokens plus head slots).
+    /// Draft tokens the target verified (pending tails; branch heads, which
+    /// are matched against the target's own draw, not counted).
     pub drafted: usize,
-    /// Draft tokens that became output.
+    /// Draft tokens the target accepted: each round commits these plus one
+    /// token of its own, so `rounds + accepted` is the tokens committed
+    /// (the tokens emitted, unless a stop cut the last round short).
     pub accepted: usize,
     /// Committed tokens per target forward (τ).
     pub mean_accepted: f64,

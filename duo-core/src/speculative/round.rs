@@ -97,15 +97,18 @@ impl RoundKind {
 }
 
 impl RoundOutcome {
-    /// Draft tokens put to the target this round: the tail, plus the head
-    /// slot when branches were offered.
+    /// Draft tokens the target verified this round: the tail. (A branch's
+    /// head is not counted: it is matched against the target's own draw,
+    /// which the round commits whether or not a branch matched it.)
     pub fn drafted(&self) -> usize {
-        self.tail_len + usize::from(self.branches > 0)
+        self.tail_len
     }
 
-    /// Draft tokens that became output: accepted tail plus a matched head.
+    /// Draft tokens the target accepted: the accepted tail. Every round
+    /// commits these plus its own drawn token, so over a generation
+    /// `rounds + accepted` is the tokens committed, in every mode.
     pub fn accepted(&self) -> usize {
-        self.tail_accepted + usize::from(self.branch_hit.is_some())
+        self.tail_accepted
     }
 
     /// True when a tail token was rejected.
@@ -561,7 +564,7 @@ mod tests {
             (out.tail_len, out.tail_accepted, out.branch_hit),
             (2, 2, None)
         );
-        assert_eq!(out.drafted(), 3);
+        assert_eq!(out.drafted(), 2);
         assert_eq!(out.accepted(), 2);
         assert!(r.tail().is_empty());
         assert_eq!(r.committed(), &[1, 5, 6, 7, 8]);
