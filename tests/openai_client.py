@@ -19,13 +19,18 @@ assert c.choices[0].text == expected, (c.choices[0].text, expected)
 assert c.usage.completion_tokens == 48 or c.choices[0].finish_reason == "stop", c.usage
 assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
 
-# The same, streamed (server-sent events ending with [DONE]).
+# The same, streamed (server-sent events ending with [DONE]): no usage
+# unless asked for, no empty chunk but the last.
 parts, finish = [], None
-for chunk in client.completions.create(model="duo", prompt=prompt, max_tokens=48, temperature=0, stream=True):
+chunks = list(client.completions.create(model="duo", prompt=prompt, max_tokens=48, temperature=0, stream=True))
+for chunk in chunks:
+    assert chunk.usage is None, chunk
     parts.append(chunk.choices[0].text)
     finish = chunk.choices[0].finish_reason or finish
+assert all(p for p in parts[:-1]), parts
 assert "".join(parts) == expected, ("".join(parts), expected)
 assert finish in ("length", "stop"), finish
+assert chunks[-1].model_extra["duo"]["mode"] == "duodecoding", chunks[-1]
 
 # Extension fields: mode and gamma; stats come back under "duo".
 for mode in ("autoregressive", "speculative", "duodecoding"):
@@ -44,10 +49,22 @@ assert len(lp.token_logprobs) == len(lp.tokens) == c.usage.completion_tokens, lp
 chat = client.chat.completions.create(model="duo", max_tokens=32, temperature=0,
                                       messages=[{"role": "user", "content": "What news from Rome?"}])
 assert chat.choices[0].message.role == "assistant"
-streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+chunks = list(client.chat.completions.create(
     model="duo", max_tokens=32, temperature=0, stream=True,
     messages=[{"role": "user", "content": "What news from Rome?"}]))
+streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
 assert streamed == chat.choices[0].message.content, (streamed, chat.choices[0].message.content)
+# The role in the first delta only, as OpenAI sends it; content in every
+# delta but the last (which carries the finish reason).
+assert chunks[0].choices[0].delta.role == "assistant", chunks[0]
+assert all(ch.choices[0].delta.role is None for ch in chunks[1:]), chunks
+assert all(ch.choices[0].delta.content for ch in chunks[1:-1]), chunks
+# include_usage: a last chunk with the usage and no choices; null before.
+chunks = list(client.chat.completions.create(
+    model="duo", max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
+    messages=[{"role": "user", "content": "What news from Rome?"}]))
+assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1, chunks[-1]
+assert all(ch.usage is None and len(ch.choices) == 1 for ch in chunks[:-1]), chunks
 
 # Bad requests: OpenAI's error shape and status.
 for kwargs, needle in [
@@ -65,11 +82,18 @@ for kwargs, needle in [
         assert e.status_code == 400, e
         assert needle in e.body["message"], (needle, e.body)
         assert "max_new_tokens" not in e.body["message"], e.body
+# An unknown model is 404 model_not_found, in a body as in GET /v1/models/x.
 try:
     client.completions.create(model="other-model", prompt=prompt, max_tokens=4)
     raise AssertionError("unknown model accepted")
-except openai.BadRequestError as e:
-    assert "unknown model" in e.body["message"]
+except openai.NotFoundError as e:
+    assert e.status_code == 404, e
+    assert "unknown model" in e.body["message"] and e.body["code"] == "model_not_found", e.body
+try:
+    client.models.retrieve("other-model")
+    raise AssertionError("unknown model found")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "model_not_found", e.body
 
 
 # Every option is honoured or refused by name (docs/reliability.md).
@@ -143,7 +167,7 @@ c = chat(temperature=0, n=1, logit_bias={}, presence_penalty=0, frequency_penalt
          response_format={"type": "text"}, tool_choice="none", top_logprobs=0, modalities=["text"])
 assert c.choices[0].message.role == "assistant", c
 streamed = [ch for ch in complete(temperature=0, stream=True, stream_options={"include_usage": True})]
-assert streamed[-1].usage.completion_tokens >= 1, streamed[-1]
+assert streamed[-1].usage.completion_tokens >= 1 and streamed[-1].choices == [], streamed[-1]
 
 # echo: the prompt leads the text, unary and streamed.
 c = client.completions.create(model="duo", prompt=prompt, max_tokens=8, temperature=0, echo=True)

@@ -596,11 +596,13 @@ pub async fn serve_http<L>(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt;
     let mut http = hyper::server::conn::http1::Builder::new();
-    // half_close: a client that shuts its writing side after a complete
-    // request (`nc -N`, small socket clients) still gets its response.
+    // No half_close: a client that shuts its side of the connection is
+    // taken as gone (as nginx does), so a request it left in the queue or
+    // mid-stream gives its place up at once. A client that half-closes
+    // after its request (`nc -N`) is therefore not answered: hyper cannot
+    // tell it from one that went away until it writes (docs/reliability.md).
     http.timer(TokioTimer::new())
-        .header_read_timeout(read_timeout)
-        .half_close(true);
+        .header_read_timeout(read_timeout);
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         stop.await;

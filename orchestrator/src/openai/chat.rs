@@ -305,6 +305,7 @@ pub(super) async fn chat_completions(
         chat: true,
         logprobs,
         echo: None,
+        include_usage: c.include_usage,
     };
     respond(orch, req, c.stream, reply).await
 }

@@ -88,6 +88,7 @@ pub(super) async fn completions(
         chat: false,
         logprobs: logprobs.is_some(),
         echo,
+        include_usage: c.include_usage,
     };
     respond(orch, req, c.stream, reply).await
 }

@@ -14,6 +14,8 @@ pub(super) struct ApiError {
     message: String,
     kind: &'static str,
     param: Option<String>,
+    /// OpenAI's machine-readable `code` (e.g. `model_not_found`), if any.
+    code: Option<&'static str>,
 }
 
 /// Seconds a client is told to wait before retrying a 429 or 503.
@@ -26,12 +28,29 @@ impl ApiError {
             message: message.into(),
             kind,
             param: None,
+            code: None,
+        }
+    }
+
+    /// A request for a model this server does not serve: 404
+    /// `model_not_found`, as OpenAI answers it (for `GET /v1/models/{id}`
+    /// and for a request body's `model` alike).
+    pub(super) fn model_not_found(model: &str, param: Option<&str>) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "unknown model {model:?}: the model does not exist on this server, which serves {:?}",
+                super::MODEL_ID
+            ),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: Some("model_not_found"),
         }
     }
 
     /// OpenAI's error object.
     pub(super) fn body(&self) -> Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}})
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
 }
 
@@ -74,6 +93,7 @@ pub(super) fn status_error(s: Status, chat: bool) -> ApiError {
         message,
         kind,
         param,
+        code: None,
     }
 }
 

@@ -84,10 +84,6 @@ async fn model(
     if id == MODEL_ID {
         Ok(Json(model_object()))
     } else {
-        Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("the model {id:?} does not exist: this server serves {MODEL_ID:?}"),
-            "invalid_request_error",
-        ))
+        Err(ApiError::model_not_found(&id, None))
     }
 }

@@ -35,7 +35,9 @@ pub(super) fn created() -> u64 {
 
 pub(super) fn stats_json(s: &pb::Stats) -> Value {
     json!({
-        "mode": pb::Mode::try_from(s.mode).map(|m| m.as_str_name()).unwrap_or(""),
+        "mode": duo_rpc::convert::mode_from_pb(s.mode)
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
         "rounds": s.rounds,
         "drafted": s.drafted,
         "accepted": s.accepted,
@@ -55,22 +57,6 @@ pub(super) fn usage(s: &pb::Stats) -> Value {
     json!({"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens, "total_tokens": s.prompt_tokens + s.new_tokens})
 }
 
-/// finish_reason, usage and duo stats of a stream chunk: set on the final
-/// chunk only, null before.
-pub(super) fn final_fields(f: Option<&pb::Final>) -> (Value, Value, Value) {
-    match f {
-        Some(f) => {
-            let s = f.stats.clone().unwrap_or_default();
-            (
-                Value::from(finish_reason(f.finish_reason)),
-                usage(&s),
-                stats_json(&s),
-            )
-        }
-        None => (Value::Null, Value::Null, Value::Null),
-    }
-}
-
 /// How a generation's output is shaped for the client.
 #[derive(Clone)]
 pub(super) struct Reply {
@@ -80,6 +66,9 @@ pub(super) struct Reply {
     pub(super) logprobs: bool,
     /// Completions with `echo`: the prompt's text, put before the output.
     pub(super) echo: Option<String>,
+    /// Streams end with a chunk carrying `usage` and no choices (OpenAI's
+    /// `stream_options.include_usage`); without it no chunk has `usage`.
+    pub(super) include_usage: bool,
 }
 
 /// The emitted tokens' log-probabilities (the target's, of the sampled
@@ -100,18 +89,40 @@ pub(super) fn logprobs_json(orch: &Orchestrator, chat: bool, ids: &[u32], lps: &
     }
 }
 
-/// One streamed chunk.
-pub(super) fn chunk_json(orch: &Orchestrator, id: &str, c: &pb::GenerateChunk, r: &Reply) -> Value {
-    let (finish, usage, stats) = final_fields(c.r#final.as_ref());
+/// One streamed chunk; `first`: the stream's first (a chat delta names
+/// its role there only, as OpenAI's do). The final chunk carries
+/// `finish_reason` and the `duo` stats; `usage` rides on a chunk of its own
+/// ([`usage_chunk_json`]), or `null` here when the client asked for it.
+pub(super) fn chunk_json(
+    orch: &Orchestrator,
+    id: &str,
+    c: &pb::GenerateChunk,
+    r: &Reply,
+    first: bool,
+) -> Value {
+    let (finish, stats) = match c.r#final.as_ref() {
+        Some(f) => (
+            Value::from(finish_reason(f.finish_reason)),
+            stats_json(&f.stats.clone().unwrap_or_default()),
+        ),
+        None => (Value::Null, Value::Null),
+    };
     let logprobs = if r.logprobs {
         logprobs_json(orch, r.chat, &c.token_ids, &c.logprobs)
     } else {
         Value::Null
     };
     let (object, choice) = if r.chat {
+        let mut delta = serde_json::Map::new();
+        if first {
+            delta.insert("role".into(), "assistant".into());
+        }
+        if !c.text.is_empty() || first {
+            delta.insert("content".into(), c.text.clone().into());
+        }
         (
             "chat.completion.chunk",
-            json!({"index": 0, "delta": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": finish}),
+            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}),
         )
     } else {
         (
@@ -119,10 +130,36 @@ pub(super) fn chunk_json(orch: &Orchestrator, id: &str, c: &pb::GenerateChunk, r
             json!({"text": c.text, "index": 0, "finish_reason": finish, "logprobs": logprobs}),
         )
     };
+    let mut chunk = json!({
+        "id": id, "object": object, "created": created(), "model": MODEL_ID,
+        "choices": [choice], "duo": stats,
+    });
+    if r.include_usage {
+        chunk["usage"] = Value::Null;
+    }
+    chunk
+}
+
+/// The last chunk of a stream whose client asked for usage
+/// (`stream_options.include_usage`): no choices, the generation's usage.
+pub(super) fn usage_chunk_json(id: &str, r: &Reply, stats: &pb::Stats) -> Value {
+    let object = if r.chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     json!({
         "id": id, "object": object, "created": created(), "model": MODEL_ID,
-        "choices": [choice], "usage": usage, "duo": stats,
+        "choices": [], "usage": usage(stats),
     })
+}
+
+/// A chunk worth sending: it ends the stream, brings text, or brings the
+/// log-probabilities of tokens whose text is still held back (a possible
+/// stop sequence). Text held back and then cut by a stop sequence sends
+/// nothing.
+fn worth_sending(c: &pb::GenerateChunk, r: &Reply) -> bool {
+    c.r#final.is_some() || !c.text.is_empty() || (r.logprobs && !c.token_ids.is_empty())
 }
 
 /// A whole (unary) response.
@@ -201,19 +238,34 @@ pub(super) async fn respond(
     };
     // `echo`: the prompt leads the first chunk's text.
     let mut echo = reply.echo.clone();
+    let mut sent_first = false;
     let events = tokio_stream::once(Ok(first))
         .chain(ReceiverStream::new(rx))
-        .map(move |item| -> Result<Event, Infallible> {
-            Ok(match item {
+        .map(move |item| -> Vec<Result<Event, Infallible>> {
+            let event = |v: Value| Ok(Event::default().data(v.to_string()));
+            match item {
                 Ok(mut c) => {
                     if let Some(e) = echo.take() {
                         c.text.insert_str(0, &e);
                     }
-                    Event::default().data(chunk_json(&orch, &id, &c, &reply).to_string())
+                    if !worth_sending(&c, &reply) {
+                        return Vec::new();
+                    }
+                    let first = !sent_first;
+                    sent_first = true;
+                    let mut events = vec![event(chunk_json(&orch, &id, &c, &reply, first))];
+                    if reply.include_usage
+                        && let Some(f) = &c.r#final
+                    {
+                        let stats = f.stats.clone().unwrap_or_default();
+                        events.push(event(usage_chunk_json(&id, &reply, &stats)));
+                    }
+                    events
                 }
-                Err(s) => Event::default().data(status_error(s, chat).body().to_string()),
-            })
-        })
+                Err(s) => vec![event(status_error(s, chat).body())],
+            }
+        });
+    let events = futures_util::StreamExt::flat_map(events, futures_util::stream::iter)
         .chain(tokio_stream::once(Ok(Event::default().data("[DONE]"))));
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())

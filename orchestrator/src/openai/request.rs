@@ -17,6 +17,9 @@ pub(super) struct Common {
     pub(super) temperature: Option<f32>,
     pub(super) top_p: Option<f32>,
     pub(super) stream: bool,
+    /// `stream_options.include_usage`: a last chunk with `usage` and no
+    /// choices, and `usage: null` on the others.
+    pub(super) include_usage: bool,
     pub(super) stop: Vec<String>,
     pub(super) seed: Option<u64>,
     // Extensions: the speculative settings.
@@ -33,10 +36,7 @@ pub(super) fn common(f: &mut Fields) -> Result<Common, ApiError> {
         && m != MODEL_ID
         && !m.is_empty()
     {
-        return Err(refuse(
-            "model",
-            format!("unknown model {m:?}: this server serves {MODEL_ID:?}"),
-        ));
+        return Err(ApiError::model_not_found(&m, Some("model")));
     }
     f.only(
         "n",
@@ -58,6 +58,7 @@ pub(super) fn common(f: &mut Fields) -> Result<Common, ApiError> {
     // Harmless: an end-user id for OpenAI's abuse monitoring; not used.
     f.get::<String>("user")?;
     let stream = f.get::<bool>("stream")?.unwrap_or(false);
+    let mut include_usage = false;
     if let Some(v) = f.raw("stream_options") {
         if !stream {
             return Err(refuse(
@@ -65,9 +66,8 @@ pub(super) fn common(f: &mut Fields) -> Result<Common, ApiError> {
                 "stream_options is only allowed when stream is true",
             ));
         }
-        // Usage is always on the final chunk; nothing to change.
         let mut o = Fields::nested(v, "stream_options")?;
-        o.get::<bool>("include_usage")?;
+        include_usage = o.get::<bool>("include_usage")?.unwrap_or(false);
         o.get::<bool>("include_obfuscation")?;
         o.finish()?;
     }
@@ -121,6 +121,7 @@ pub(super) fn common(f: &mut Fields) -> Result<Common, ApiError> {
         temperature: f.get("temperature")?,
         top_p: f.get("top_p")?,
         stream,
+        include_usage,
         stop,
         seed,
         mode,
