@@ -155,6 +155,9 @@ pub struct Drafter {
     tail: Vec<Candidates>,
     /// Mean top probability of drafted tokens.
     confidence: Ema,
+    /// The current job may hedge (`max_hedges > 0`): the candidates of its
+    /// drafted tokens are kept.
+    hedging: bool,
     /// Measured acceptance by tail position: how often the target accepted
     /// the tail token there, given it reached it (learned from the syncs).
     accept: Vec<Ema>,
@@ -195,25 +198,70 @@ impl Pick<'_> {
 }
 
 /// Measured seconds per one-token forward step, by the number of rows
-/// batched (index `rows - 1`), over this session's rounds.
-struct StepCosts([Ema; MAX_ROWS]);
+/// batched (index `rows - 1`), over this session's rounds: `tiled` for
+/// branches forked from the whole context, `hedged` for rows after
+/// different prefixes (hedges among them: a padded batch, and each row's
+/// prefix copied first, which its steps' cost includes).
+struct StepCosts {
+    tiled: [Ema; MAX_ROWS],
+    hedged: [Ema; MAX_ROWS],
+}
 
 impl StepCosts {
     fn new() -> Self {
-        Self(std::array::from_fn(|_| Ema::new(STEP_COST_ALPHA)))
+        Self {
+            tiled: std::array::from_fn(|_| Ema::new(STEP_COST_ALPHA)),
+            hedged: std::array::from_fn(|_| Ema::new(STEP_COST_ALPHA)),
+        }
     }
 
     fn observe(&mut self, rows: usize, secs: f64) {
-        if let Some(e) = self.0.get_mut(rows.wrapping_sub(1)) {
+        if let Some(e) = self.tiled.get_mut(rows.wrapping_sub(1)) {
             e.update(secs);
         }
     }
 
-    /// A `rows`-row step's cost in one-row steps (>= 1), once both are measured.
-    fn ratio(&self, rows: usize) -> Option<f64> {
-        let one = self.0[0].get()?;
-        let many = self.0.get(rows.wrapping_sub(1))?.get()?;
-        (one > 0.0).then(|| (many / one).max(1.0))
+    fn observe_hedged(&mut self, rows: usize, secs: f64) {
+        if let Some(e) = self.hedged.get_mut(rows.wrapping_sub(1)) {
+            e.update(secs);
+        }
+    }
+
+    /// A `rows`-row step's cost in one-row steps (>= 1): measured, else
+    /// the per-row slope of the row counts measured so far
+    /// ([`Self::estimate`]).
+    fn ratio(&self, rows: usize) -> f64 {
+        Self::estimate(&self.tiled, None, self.tiled[0].get(), rows)
+    }
+
+    /// The same for a step of rows after different prefixes (the tiled
+    /// path's slope stands in until one of these is measured).
+    fn hedged_ratio(&self, rows: usize) -> f64 {
+        Self::estimate(&self.hedged, Some(&self.tiled), self.tiled[0].get(), rows)
+    }
+
+    /// `rows`' measured cost over `one`, or `1 + slope · (rows − 1)` with
+    /// the steepest per-row slope among the measured counts of `costs`
+    /// (else of `fallback`), or [`assumed_step_cost`] with none measured.
+    fn estimate(costs: &[Ema], fallback: Option<&[Ema]>, one: Option<f64>, rows: usize) -> f64 {
+        let Some(one) = one.filter(|&o| o > 0.0) else {
+            return assumed_step_cost(rows);
+        };
+        if let Some(many) = costs.get(rows.wrapping_sub(1)).and_then(Ema::get) {
+            return (many / one).max(1.0);
+        }
+        let slope = |costs: &[Ema]| {
+            costs
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter_map(|(i, e)| Some(((e.get()? / one - 1.0) / i as f64).max(0.0)))
+                .reduce(f64::max)
+        };
+        match slope(costs).or_else(|| fallback.and_then(slope)) {
+            Some(s) => 1.0 + s * rows.saturating_sub(1) as f64,
+            None => assumed_step_cost(rows),
+        }
     }
 }
 
@@ -236,6 +284,7 @@ impl Drafter {
             drafted: Vec::new(),
             tail: Vec::new(),
             confidence: Ema::new(CONFIDENCE_ALPHA),
+            hedging: false,
             accept: (0..MEASURED_POSITIONS)
                 .map(|_| Ema::new(ACCEPT_ALPHA))
                 .collect(),
@@ -264,6 +313,8 @@ impl Drafter {
         } else {
             job.max_hedges.min(MAX_HEDGES)
         };
+        // A fallback chain (first_verified) is hedged by the job after it.
+        self.hedging = job.max_hedges > 0;
         let mut tree = self.propose(
             lm,
             job.gamma.max(1),
@@ -434,9 +485,11 @@ impl Drafter {
         let main_chance = survive * first.iter().take(heads).map(|e| e.1).sum::<f32>();
         let alpha = self.confidence.get().unwrap_or(0.5);
         let n = hedge_count(main_chance, &ranked, heads, gamma, alpha, |rows| {
-            self.costs
-                .ratio(rows)
-                .unwrap_or_else(|| assumed_step_cost(rows))
+            if rows > heads {
+                self.costs.hedged_ratio(rows)
+            } else {
+                self.costs.ratio(rows)
+            }
         });
         ranked.truncate(n);
         ranked
@@ -444,7 +497,12 @@ impl Drafter {
 
     /// The candidates kept for a drafted token picked from `logits`
     /// (the draft's top [`HEDGE_CANDIDATES`]); updates the confidence.
+    /// Nothing when this job does not hedge (its cost, a softmax over the
+    /// vocabulary per drafted token, is then saved).
     fn candidates(&mut self, logits: &[f32]) -> Candidates {
+        if !self.hedging {
+            return Vec::new();
+        }
         let c = top_softmax(logits, HEDGE_CANDIDATES);
         if let Some(&(_, p)) = c.first() {
             self.confidence.update(f64::from(p));
@@ -529,10 +587,11 @@ impl Drafter {
         let count = rows.len();
         // The γ − 1 one-row steps a single chain would take after its head,
         // spent on batched steps of `count` rows at their measured cost.
-        let ratio = self
-            .costs
-            .ratio(count)
-            .unwrap_or_else(|| assumed_step_cost(count));
+        let ratio = if hedges.is_empty() {
+            self.costs.ratio(count)
+        } else {
+            self.costs.hedged_ratio(count)
+        };
         let batched_steps = (((gamma - 1) as f64 / ratio).floor() as usize).min(gamma - 1);
         let longest = 1 + batched_steps;
         let mut full: Vec<Vec<u32>> = rows.iter().map(|&(_, h)| vec![h]).collect();
@@ -567,10 +626,14 @@ impl Drafter {
             }
             Some(Rows::Tiled(tiled))
         } else {
-            let mut seqs = prefix
-                .iter()
-                .map(|&n| self.seq.prefix(n))
-                .collect::<Result<Vec<_>, _>>()?;
+            let (seqs, setup) = timed(|| {
+                prefix
+                    .iter()
+                    .map(|&n| self.seq.prefix(n))
+                    .collect::<Result<Vec<_>, _>>()
+            });
+            let mut seqs = seqs?;
+            let setup_per_step = setup / batched_steps.max(1) as f64;
             for _ in 1..longest {
                 let mut items: Vec<BatchItem<'_>> = seqs
                     .iter_mut()
@@ -583,7 +646,7 @@ impl Drafter {
                     .collect();
                 let (l, secs) = timed(|| lm.extend_batch(&mut items));
                 let l = l?;
-                self.costs.observe(count, secs);
+                self.costs.observe_hedged(count, secs + setup_per_step);
                 for (j, t) in toks.iter_mut().enumerate() {
                     let row = l.get(j).map_or(&[][..], |r| r.last());
                     *t = self.extend_row(row, &mut full[j], &mut cands[j], &mut qs[j]);
@@ -592,10 +655,11 @@ impl Drafter {
             Some(Rows::Separate(seqs))
         };
         // Accounted at the ratio just measured (this round's steps included).
-        let ratio = self
-            .costs
-            .ratio(count)
-            .unwrap_or_else(|| assumed_step_cost(count));
+        let ratio = if hedges.is_empty() {
+            self.costs.ratio(count)
+        } else {
+            self.costs.hedged_ratio(count)
+        };
         steps += (batched_steps as f64 * ratio).round() as usize;
         let anchors = if hedges.is_empty() {
             Vec::new()

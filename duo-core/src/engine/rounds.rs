@@ -23,6 +23,14 @@ use crate::speculative::round::{DraftSync, Round, RoundOutcome};
 use crate::speculative::stop::{FinishReason, StopConfig, Terminator};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
+/// The most a target forward over a round's tail may cost, in one-token
+/// forwards, for the round to draft hedges (see
+/// [`GenerationLoop::hedges_this_round`]).
+const FLAT_VERIFY_LIMIT: f64 = 1.5;
+
+/// Weight of each fallback chain's measured overhead.
+const CHAIN_OVERHEAD_ALPHA: f64 = 0.3;
+
 /// The loop's view of its draft's health.
 struct DraftHealth {
     ready: bool,
@@ -89,6 +97,9 @@ pub(super) struct GenerationLoop<'a> {
     draft_rounds: usize,
     first_round: bool,
     health: DraftHealth,
+    /// The fixed cost of a duodecoding fallback chain beyond its draft
+    /// steps (the draft call's round trip), in target forwards, measured.
+    chain_overhead: crate::stats::Ema,
 }
 
 impl<'a> GenerationLoop<'a> {
@@ -141,6 +152,7 @@ impl<'a> GenerationLoop<'a> {
                 ready: attached,
                 fresh: !attached,
             },
+            chain_overhead: crate::stats::Ema::new(CHAIN_OVERHEAD_ALPHA),
         }
     }
 
@@ -250,6 +262,15 @@ impl<'a> GenerationLoop<'a> {
         if chain > 0 {
             match self.serial_chain(sync, chain, round_start)? {
                 Some(tree) => {
+                    // What the chain cost beyond its draft steps, in forwards.
+                    let wall = round_start.elapsed().as_secs_f64();
+                    if let (Some(one), Some(step)) =
+                        (self.budget.target_time(1), self.budget.draft_step_secs())
+                        && one > 0.0
+                    {
+                        let steps = tree.forward_steps as f64 * step;
+                        self.chain_overhead.update(((wall - steps) / one).max(0.0));
+                    }
                     // The chain is the tail now; the draft holds C + chain.
                     self.stats.draft_busy_ms += tree.secs * 1e3;
                     self.stats.fallback_chains += 1;
@@ -276,6 +297,7 @@ impl<'a> GenerationLoop<'a> {
             })
             .min(remaining.saturating_sub(self.round.tail().len() + 1))
             .min(room.saturating_sub(self.round.tail().len()));
+        let max_hedges = self.hedges_this_round(gamma);
         let Some(d) = self.draft.as_deref_mut() else {
             return Ok(drafted);
         };
@@ -285,7 +307,7 @@ impl<'a> GenerationLoop<'a> {
                 gamma,
                 policy: self.policy,
                 first_verified: false,
-                max_hedges: params.max_hedges,
+                max_hedges,
             }) {
                 Ok(()) => {
                     drafted.running = true;
@@ -349,6 +371,20 @@ impl<'a> GenerationLoop<'a> {
         }))
     }
 
+    /// The hedges this round may draft: the request's `max_hedges` while
+    /// the target verifies a tail of `gamma` tokens for about the cost of
+    /// one (measured: `T(γ + 1) / T(1)` under [`FLAT_VERIFY_LIMIT`], a
+    /// weight-bound target, as on a GPU), else none — on a target whose
+    /// forward grows with the tokens (a CPU), hedges and their longer tails
+    /// cost more than they bring (measured: ~10% slower on the bundled
+    /// pair in the small regime). Before the target is measured: allowed.
+    fn hedges_this_round(&self, gamma: usize) -> usize {
+        match self.budget.verify_cost(gamma + 1) {
+            Some(v) if v > FLAT_VERIFY_LIMIT => 0,
+            _ => self.params.max_hedges,
+        }
+    }
+
     /// The length of the serial chain a duodecoding round drafts before its
     /// forward, 0 for none: only when the round would verify nothing but
     /// its last committed token (a rejection or a branch miss left no
@@ -371,9 +407,17 @@ impl<'a> GenerationLoop<'a> {
         let accepted: usize = self.stats.tail_accepted_by_pos.iter().sum();
         // Laplace's rule: one accepted and one rejected token assumed.
         let alpha = (accepted as f64 + 1.0) / (offered as f64 + 2.0);
-        crate::speculative::policy::fallback_chain_len(alpha, ratio, DEFAULT_SPS_GAMMA * 2)
-            .min(remaining.saturating_sub(1))
-            .min(room.saturating_sub(1))
+        let verify = |n| self.budget.verify_cost(n).unwrap_or(f64::INFINITY);
+        let overhead = self.chain_overhead.get().unwrap_or(0.0);
+        crate::speculative::policy::fallback_chain_len(
+            alpha,
+            ratio,
+            overhead,
+            verify,
+            DEFAULT_SPS_GAMMA * 2,
+        )
+        .min(remaining.saturating_sub(1))
+        .min(room.saturating_sub(1))
     }
 
     /// The target verifies the pending tail next to its logits and draws

@@ -253,6 +253,19 @@ impl BudgetController {
         (target > 0.0).then(|| step / target)
     }
 
+    /// The measured seconds of one draft step.
+    pub fn draft_step_secs(&self) -> Option<f64> {
+        self.draft_step.get()
+    }
+
+    /// A target forward over `tokens` tokens in one-token forwards
+    /// (`T(n) / T(1)` of the fitted line), once measured.
+    pub fn verify_cost(&self, tokens: usize) -> Option<f64> {
+        let one = self.target_time(1)?;
+        let many = self.target_time(tokens.max(1))?;
+        (one > 0.0).then(|| many / one)
+    }
+
     /// Current estimates and decision history.
     pub fn report(&self) -> BudgetReport {
         let ms = |s: f64| s * 1e3;
@@ -271,7 +284,8 @@ impl BudgetController {
     }
 
     /// Estimated target forward time (seconds) for `n` fed tokens.
-    fn target_time(&self, n: usize) -> Option<f64> {
+    /// The fitted seconds of a target forward over `n` tokens.
+    pub fn target_time(&self, n: usize) -> Option<f64> {
         self.target_fit().map(|(a, b)| a + b * n as f64)
     }
 

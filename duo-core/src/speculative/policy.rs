@@ -196,11 +196,25 @@ pub fn hedge_count(
 /// The length of a serial chain to draft before a round that would verify
 /// a lone token (a duodecoding round after a rejection or a branch miss):
 /// the `γ` in `0..=max` that maximizes tokens per unit of time,
-/// `(1 + α + … + α^γ) / (1 + γ·r)` — the round commits its drawn token
-/// plus the chain's accepted prefix (each token accepted with chance
-/// `alpha`), and costs one target forward plus `γ` draft steps of `ratio`
-/// forwards each, the target idle meanwhile. `γ = 0` is the lone round.
-pub fn fallback_chain_len(alpha: f64, ratio: f64, max: usize) -> usize {
+/// `(1 + α + … + α^γ) / (V(1 + γ) + c + γ·r)` — the round commits its
+/// drawn token plus the chain's accepted prefix (each token accepted with
+/// chance `alpha`), and costs a target forward over `1 + γ` tokens
+/// (`verify_cost`: its cost in one-token forwards, `V(1) = 1`; ~1 on a GPU,
+/// growing on a CPU) plus, the target idle meanwhile, the chain's fixed
+/// cost `c` (`overhead`: the draft call's round trip, in forwards) and `γ`
+/// draft steps of `ratio` forwards each. `γ = 0` is the lone round.
+pub fn fallback_chain_len(
+    alpha: f64,
+    ratio: f64,
+    overhead: f64,
+    verify_cost: impl Fn(usize) -> f64,
+    max: usize,
+) -> usize {
+    let overhead = if overhead.is_finite() {
+        overhead.max(0.0)
+    } else {
+        return 0;
+    };
     let alpha = alpha.clamp(0.0, 1.0);
     if !ratio.is_finite() || ratio < 0.0 {
         return 0;
@@ -210,7 +224,11 @@ pub fn fallback_chain_len(alpha: f64, ratio: f64, max: usize) -> usize {
     for g in 1..=max {
         power *= alpha;
         tokens += power;
-        let rate = tokens / (1.0 + g as f64 * ratio);
+        let verify = verify_cost(1 + g);
+        if !verify.is_finite() {
+            break;
+        }
+        let rate = tokens / (verify.max(1.0) + overhead + g as f64 * ratio);
         if rate > best.0 + 1e-12 {
             best = (rate, g);
         }
@@ -368,14 +386,21 @@ mod tests {
     #[test]
     fn fallback_chain_pays_only_when_drafting_is_cheap_and_accepted() {
         // A GPU-like target: a draft step is 1/20 of a forward.
-        let g = fallback_chain_len(0.6, 0.05, 8);
+        let flat = |_| 1.0;
+        let g = fallback_chain_len(0.6, 0.05, 0.0, flat, 8);
         assert!((2..=6).contains(&g), "{g}");
         // Nothing is accepted: no chain.
-        assert_eq!(fallback_chain_len(0.0, 0.05, 8), 0);
-        // A draft step as dear as a forward (the small regime): no chain.
-        assert_eq!(fallback_chain_len(0.6, 1.0, 8), 0);
+        assert_eq!(fallback_chain_len(0.0, 0.05, 0.0, flat, 8), 0);
+        // A draft step as dear as a forward: no chain.
+        assert_eq!(fallback_chain_len(0.6, 1.0, 0.0, flat, 8), 0);
+        // A CPU target, whose forward grows 12% a token, and a draft call
+        // that costs a third of a forward to make (the small regime): no
+        // chain; without the call's cost, one token.
+        let cpu = |n: usize| 1.0 + 0.12 * (n - 1) as f64;
+        assert_eq!(fallback_chain_len(0.55, 0.2, 0.35, cpu, 8), 0);
+        assert_eq!(fallback_chain_len(0.55, 0.2, 0.0, cpu, 8), 1);
         // Always accepted, free: as long as allowed.
-        assert_eq!(fallback_chain_len(1.0, 0.0, 8), 8);
-        assert_eq!(fallback_chain_len(0.9, f64::NAN, 8), 0);
+        assert_eq!(fallback_chain_len(1.0, 0.0, 0.0, flat, 8), 8);
+        assert_eq!(fallback_chain_len(0.9, f64::NAN, 0.0, flat, 8), 0);
     }
 }
