@@ -70,6 +70,20 @@ async fn metrics_are_exposed_and_add_up() {
         tokens,
         "generated tokens must match what the clients received"
     );
+    // Hedges and round kinds are exported (hedges may be 0 here: the
+    // small regime's CPU target verifies too steeply for them to pay).
+    for name in [
+        "duo_orchestrator_hedges_total",
+        "duo_orchestrator_hedge_hits_total",
+        "duo_orchestrator_single_token_rounds_total",
+        "duo_orchestrator_rounds_by_kind_total",
+        "duo_orchestrator_tokens_by_round_kind_total",
+    ] {
+        assert!(m.contains(name), "{name} missing from /metrics");
+    }
+    let by_kind = sum(&m, "duo_orchestrator_rounds_by_kind_total", "");
+    let rounds = sum(&m, "duo_orchestrator_rounds_total", "");
+    assert_eq!(by_kind, rounds, "every round has a kind");
     for mode in ["duodecoding", "speculative"] {
         let f = format!("mode=\"{mode}\"");
         let drafted = sum(&m, "duo_orchestrator_drafted_tokens_total", &f);
