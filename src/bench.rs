@@ -35,9 +35,10 @@ pub struct BenchArgs {
     duo_gamma: Option<usize>,
     #[arg(long, default_value_t = 4)]
     max_branches: usize,
-    /// Most hedges per duodecoding round (0 = no hedged drafting).
-    #[arg(long, default_value_t = duo_core::engine::driver::DEFAULT_MAX_HEDGES)]
-    max_hedges: usize,
+    /// Most hedges per duodecoding round (0 = no hedged drafting; default:
+    /// up to 4 while the target's verification is flat, measured).
+    #[arg(long)]
+    max_hedges: Option<usize>,
     /// Sampling (temperature 0 = greedy: then the modes' outputs are
     /// checked for identity; at T > 0 they are samples and are not).
     #[command(flatten)]

@@ -68,7 +68,7 @@ impl Remote {
             mode: mode_to_pb(params.mode) as i32,
             gamma: params.gamma.map(|g| g as u32),
             max_branches: Some(params.max_branches as u32),
-            max_hedges: Some(params.max_hedges as u32),
+            max_hedges: params.max_hedges.map(|h| h as u32),
             logprobs: params.logprobs,
             greedy_drafts: params.greedy_drafts,
         };

@@ -330,9 +330,11 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 4)]
     max_branches: usize,
     /// Most hedges per duodecoding round (0 = no hedged drafting): drafts
-    /// ready for the likely corrections inside the pending tail.
-    #[arg(long, default_value_t = duo_core::engine::driver::DEFAULT_MAX_HEDGES)]
-    max_hedges: usize,
+    /// ready for the likely corrections inside the pending tail. Default:
+    /// up to 4 while the target verifies a tail for about one token's cost
+    /// (measured), else none.
+    #[arg(long)]
+    max_hedges: Option<usize>,
     /// Print one JSON object to stdout at the end (text, token_ids,
     /// finish_reason, stats) instead of streaming the text.
     #[arg(long)]

@@ -139,6 +139,10 @@ struct Case {
     /// longer: only the first `NEW_TOKENS` are counted, whose distribution
     /// does not depend on it.
     long: (u64, u64),
+    /// `max_hedges` of the requests (unset: the server's default, which
+    /// drafts no hedges on this CPU target once its verify slope is
+    /// measured).
+    max_hedges: Option<u32>,
 }
 
 fn request(prompt: &[u32], case: &Case, seed: u64) -> pb::GenerateRequest {
@@ -159,6 +163,7 @@ fn request(prompt: &[u32], case: &Case, seed: u64) -> pb::GenerateRequest {
         gamma: Some(3),
         max_branches: Some(case.max_branches),
         greedy_drafts: false,
+        max_hedges: case.max_hedges,
         ..Default::default()
     }
 }
@@ -348,6 +353,7 @@ async fn sampled_drafts_give_the_target_distribution_over_grpc() {
                 max_branches: k,
                 first_seed: 0,
                 long: (0, 0),
+                max_hedges: None,
             };
             let tally = run_case(&dep, &prompt, case, Default::default()).await;
             check(&what, &tally, joint);
@@ -371,8 +377,27 @@ async fn sampled_drafts_give_the_target_distribution_over_grpc() {
             eprintln!("  ({N} generations in {:.1} s)", t.elapsed().as_secs_f64());
         }
     }
-    // Hedges are on (the default) but the first tokens of these short
-    // generations leave no room to draft them: reported, not required.
+    // Adopted hedges: every generation long enough for the second round
+    // to draft (only the first NEW_TOKENS are counted), hedges forced on
+    // (this CPU target's verify slope would turn the default off). A
+    // rejection in the second round that meets a hedge makes the third
+    // token the hedge's first tail token, verified next round.
+    for (name, sampling, joint) in &joints {
+        let what = format!("{name}, duodecoding k=4 with up to 8 hedges");
+        let case = Case {
+            sampling: *sampling,
+            mode: Mode::Duodecoding,
+            max_branches: 4,
+            first_seed: 2 * N,
+            long: (0, N),
+            max_hedges: Some(8),
+        };
+        let tally = run_case(&dep, &prompt, case, Default::default()).await;
+        check(&what, &tally, joint);
+        eprintln!("  hedge hits: {}", tally.hedge_hits);
+        hedge_hits += tally.hedge_hits;
+        assert!(tally.hedge_hits > 0, "{what}: no hedge was adopted");
+    }
     eprintln!("hedge hits in duodecoding: {hedge_hits}");
     eprintln!("total {:.1} s", started.elapsed().as_secs_f64());
 }
@@ -415,6 +440,7 @@ async fn a_killed_draft_worker_leaves_the_sampled_distribution_unchanged() {
         max_branches: 4,
         first_seed: SEEDS_AFTER_A_KILL,
         long: (N / 3, N / 3 + 3 * STREAMS),
+        max_hedges: None,
     };
     let done = Arc::new(AtomicUsize::new(0));
     let kill = async {

@@ -3,7 +3,7 @@
 //! limits, or INVALID_ARGUMENT naming what to fix. The HTTP API
 //! ([`crate::openai`]) goes through the same checks.
 
-use duo_core::engine::driver::{self, DEFAULT_MAX_HEDGES, GenerateParams, Limits};
+use duo_core::engine::driver::{self, GenerateParams, Limits};
 use duo_core::sampling::SamplingParams;
 use duo_rpc::convert::mode_from_pb;
 use duo_rpc::pb::{self, generate_request};
@@ -76,7 +76,7 @@ impl Orchestrator {
             mode,
             gamma: req.gamma.map(|g| g as usize),
             max_branches: req.max_branches.map_or(4, |b| b as usize),
-            max_hedges: req.max_hedges.map_or(DEFAULT_MAX_HEDGES, |h| h as usize),
+            max_hedges: req.max_hedges.map(|h| h as usize),
             logprobs: req.logprobs,
             greedy_drafts: req.greedy_drafts,
         };

@@ -68,9 +68,13 @@ pub struct GenerateParams {
     pub gamma: Option<usize>,
     /// Most branches per round (1 disables multi-sequence drafting).
     pub max_branches: usize,
-    /// Most hedges per duodecoding round (0 disables hedged drafting):
-    /// branches for the likely corrections inside the pending tail.
-    pub max_hedges: usize,
+    /// Most hedges per duodecoding round: branches for the likely
+    /// corrections inside the pending tail. `None`: up to
+    /// [`DEFAULT_MAX_HEDGES`] while the target verifies a tail for about
+    /// the cost of one token (measured; a weight-bound target, as on a
+    /// GPU), else none. `Some(n)`: up to `n` whatever the target (0
+    /// disables hedged drafting).
+    pub max_hedges: Option<usize>,
     /// Return the target's log-probabilities of the emitted tokens.
     pub logprobs: bool,
     /// At temperature > 0, draft by sampling from the draft's own processed
@@ -102,7 +106,7 @@ impl Default for GenerateParams {
             mode: Mode::Duodecoding,
             gamma: None,
             max_branches: 4,
-            max_hedges: DEFAULT_MAX_HEDGES,
+            max_hedges: None,
             logprobs: false,
             greedy_drafts: false,
         }
@@ -314,11 +318,12 @@ pub fn validate(
             params.max_branches
         ));
     }
-    if params.max_hedges > crate::speculative::policy::MAX_HEDGES {
+    if let Some(h) = params.max_hedges
+        && h > crate::speculative::policy::MAX_HEDGES
+    {
         return bad(format!(
-            "max_hedges must be between 0 and {}, got {}",
-            crate::speculative::policy::MAX_HEDGES,
-            params.max_hedges
+            "max_hedges must be between 0 and {}, got {h}",
+            crate::speculative::policy::MAX_HEDGES
         ));
     }
     Ok(())

@@ -13,8 +13,8 @@ use std::time::Instant;
 use super::EngineError;
 use super::drafter::{DraftJob, DraftTree};
 use super::driver::{
-    DEFAULT_SPS_GAMMA, DraftSide, GenerateParams, Generation, Limits, Mode, Recovery, Sink, Stats,
-    TargetSide,
+    DEFAULT_MAX_HEDGES, DEFAULT_SPS_GAMMA, DraftSide, GenerateParams, Generation, Limits, Mode,
+    Recovery, Sink, Stats, TargetSide,
 };
 use super::verifier::TargetVerdict;
 use crate::speculative::budget::BudgetController;
@@ -371,17 +371,21 @@ impl<'a> GenerationLoop<'a> {
         }))
     }
 
-    /// The hedges this round may draft: the request's `max_hedges` while
-    /// the target verifies a tail of `gamma` tokens for about the cost of
-    /// one (measured: `T(γ + 1) / T(1)` under [`FLAT_VERIFY_LIMIT`], a
-    /// weight-bound target, as on a GPU), else none — on a target whose
+    /// The hedges this round may draft: the request's `max_hedges` when it
+    /// names one; else [`DEFAULT_MAX_HEDGES`] while the target verifies a
+    /// tail of `gamma` tokens for about the cost of one (measured:
+    /// `T(γ + 1) / T(1)` under [`FLAT_VERIFY_LIMIT`], a weight-bound
+    /// target, as on a GPU), and none otherwise — on a target whose
     /// forward grows with the tokens (a CPU), hedges and their longer tails
     /// cost more than they bring (measured: ~10% slower on the bundled
     /// pair in the small regime). Before the target is measured: allowed.
     fn hedges_this_round(&self, gamma: usize) -> usize {
+        if let Some(n) = self.params.max_hedges {
+            return n;
+        }
         match self.budget.verify_cost(gamma + 1) {
             Some(v) if v > FLAT_VERIFY_LIMIT => 0,
-            _ => self.params.max_hedges,
+            _ => DEFAULT_MAX_HEDGES,
         }
     }
 
