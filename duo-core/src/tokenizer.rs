@@ -101,11 +101,12 @@ pub struct Tokenizer {
     special: SpecialTokens,
     /// Chat templates (none for [`Tokenizer::from_file`]).
     chat_templates: Vec<ChatTemplateSource>,
-    /// The decoder turns `<0xHH>` tokens back into raw bytes
-    /// (`ByteFallback`, Llama-2 / Mistral / Gemma / Phi-3 style): a run of
-    /// such tokens decodes as one group, so its text is not final until a
-    /// token that is not a byte closes the run.
-    byte_fallback: bool,
+    /// The ids of the `<0xHH>` tokens, sorted, when the decoder turns them
+    /// back into raw bytes (`ByteFallback`, Llama-2 / Mistral / Gemma /
+    /// Phi-3 style); empty otherwise. A run of such tokens decodes as one
+    /// group, so its text is not final until a token that is not a byte
+    /// closes the run.
+    byte_tokens: Vec<u32>,
 }
 
 /// The special-token strings a model folder declares (`tokenizer_config.json`,
@@ -178,12 +179,12 @@ impl Tokenizer {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
-        let byte_fallback = decoder_has_byte_fallback(&inner);
+        let byte_tokens = byte_fallback_ids(&inner);
         Ok(Self {
             inner,
             special: SpecialTokens::default(),
             chat_templates: Vec::new(),
-            byte_fallback,
+            byte_tokens,
         })
     }
 
@@ -393,12 +394,7 @@ impl Tokenizer {
     /// Errors: [`TokenizerError::UnknownId`] when an id has no token (instead
     /// of silently dropping it, as the underlying library would).
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        if let Some(&id) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
-            return Err(TokenizerError::UnknownId {
-                id,
-                vocab_size: self.vocab_size(),
-            });
-        }
+        self.check_ids(ids)?;
         self.inner
             .decode(ids, false)
             .map_err(|e| TokenizerError::Decode(e.to_string()))
@@ -409,13 +405,19 @@ impl Tokenizer {
     /// byte tokens next to it, is settled only once a token that is not a
     /// byte follows (see [`IncrementalDecoder`]).
     pub fn is_byte_token(&self, id: u32) -> bool {
-        self.byte_fallback
-            && self.inner.id_to_token(id).is_some_and(|t| {
-                t.len() == 6
-                    && t.starts_with("<0x")
-                    && t.ends_with('>')
-                    && t[3..5].bytes().all(|b| b.is_ascii_hexdigit())
-            })
+        self.byte_tokens.binary_search(&id).is_ok()
+    }
+
+    /// [`TokenizerError::UnknownId`] for the first id of `ids` that has no
+    /// token in the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<(), TokenizerError> {
+        match ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            Some(&id) => Err(TokenizerError::UnknownId {
+                id,
+                vocab_size: self.vocab_size(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The number of tokens in the vocabulary, added tokens (such as
@@ -511,12 +513,30 @@ pub fn model_tokenizer(model: &Path) -> Result<PathBuf, TokenizerError> {
 }
 
 /// Reads a JSON object file; a missing file is an empty object.
-/// True when the tokenizer's decoder (or one step of its sequence) is
-/// `ByteFallback`, found in its serialized form so that any nesting counts.
-fn decoder_has_byte_fallback(inner: &tokenizers::Tokenizer) -> bool {
-    inner.get_decoder().is_some_and(|d| {
+/// The sorted ids of the `<0xHH>` tokens when the tokenizer's decoder (or
+/// one step of its sequence, found in its serialized form so that any
+/// nesting counts) is `ByteFallback`; empty otherwise. Computed once, at
+/// load: the detokenizer asks for every token it streams.
+fn byte_fallback_ids(inner: &tokenizers::Tokenizer) -> Vec<u32> {
+    let byte_fallback = inner.get_decoder().is_some_and(|d| {
         serde_json::to_string(d).is_ok_and(|json| json.contains("\"ByteFallback\""))
-    })
+    });
+    if !byte_fallback {
+        return Vec::new();
+    }
+    let mut ids: Vec<u32> = inner
+        .get_vocab(true)
+        .into_iter()
+        .filter(|(t, _)| {
+            t.len() == 6
+                && t.starts_with("<0x")
+                && t.ends_with('>')
+                && t[3..5].bytes().all(|b| b.is_ascii_hexdigit())
+        })
+        .map(|(_, id)| id)
+        .collect();
+    ids.sort_unstable();
+    ids
 }
 
 fn read_json_object(
@@ -779,9 +799,12 @@ impl IncrementalDecoder {
         let end = self.settled_end(tok, force);
         if end <= self.read_offset {
             // Check the id now: an unknown id must be refused at its push.
-            if let Some(&last) = self.tokens.last() {
-                tok.decode(&[last])?;
-            }
+            tok.check_ids(
+                self.tokens
+                    .last()
+                    .map(std::slice::from_ref)
+                    .unwrap_or_default(),
+            )?;
             return Ok(String::new());
         }
         // `get` never fails given the offsets invariant; it just avoids panics.

@@ -265,7 +265,7 @@ pub fn stats_from_pb(s: &pb::Stats) -> Stats {
             .round_kinds
             .iter()
             .filter_map(|(k, c)| {
-                let kind = RoundKind::ALL.into_iter().find(|x| x.as_str() == k)?;
+                let kind = RoundKind::from_name(k)?;
                 Some((
                     kind,
                     KindCount {

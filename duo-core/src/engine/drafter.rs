@@ -35,12 +35,10 @@ const ACCEPT_ALPHA: f64 = 0.1;
 /// confidence (its stand-in for the acceptance rate, when planning hedges).
 const CONFIDENCE_ALPHA: f64 = 0.05;
 
-/// The cost assumed for a batched step of `rows` rows before one has been
-/// measured, in one-row steps: none extra, so that a row count is tried
-/// and then judged by what it measured.
-fn assumed_step_cost(_rows: usize) -> f64 {
-    1.0
-}
+/// The cost assumed for a batched step of any number of rows before one
+/// has been measured, in one-row steps: none extra, so that a row count is
+/// tried and then judged by what it measured.
+const ASSUMED_STEP_COST: f64 = 1.0;
 
 /// The draft's most likely tokens at one position, with probabilities.
 type Candidates = Vec<(u32, f32)>;
@@ -93,11 +91,6 @@ pub struct DraftTree {
 impl DraftTree {
     pub fn tokens(&self) -> usize {
         self.branches.iter().map(Vec::len).sum()
-    }
-
-    /// The hedges among the branches.
-    pub fn hedges(&self) -> usize {
-        self.anchors.iter().filter(|a| a.is_some()).count()
     }
 
     /// Bytes of the token ids and proposals as duo.proto carries them (4 per
@@ -240,12 +233,22 @@ impl StepCosts {
         Self::estimate(&self.hedged, Some(&self.tiled), self.tiled[0].get(), rows)
     }
 
+    /// The cost of a step of `rows` rows on the path that runs them: tiled
+    /// when there are no hedges, else rows after different prefixes.
+    fn step_ratio(&self, rows: usize, hedged: bool) -> f64 {
+        if hedged {
+            self.hedged_ratio(rows)
+        } else {
+            self.ratio(rows)
+        }
+    }
+
     /// `rows`' measured cost over `one`, or `1 + slope · (rows − 1)` with
     /// the steepest per-row slope among the measured counts of `costs`
-    /// (else of `fallback`), or [`assumed_step_cost`] with none measured.
+    /// (else of `fallback`), or [`ASSUMED_STEP_COST`] with none measured.
     fn estimate(costs: &[Ema], fallback: Option<&[Ema]>, one: Option<f64>, rows: usize) -> f64 {
         let Some(one) = one.filter(|&o| o > 0.0) else {
-            return assumed_step_cost(rows);
+            return ASSUMED_STEP_COST;
         };
         if let Some(many) = costs.get(rows.wrapping_sub(1)).and_then(Ema::get) {
             return (many / one).max(1.0);
@@ -260,7 +263,7 @@ impl StepCosts {
         };
         match slope(costs).or_else(|| fallback.and_then(slope)) {
             Some(s) => 1.0 + s * rows.saturating_sub(1) as f64,
-            None => assumed_step_cost(rows),
+            None => ASSUMED_STEP_COST,
         }
     }
 }
@@ -472,24 +475,12 @@ impl Drafter {
             return Vec::new();
         }
         let accept = self.measured_acceptance(tail.len());
-        let mut ranked = rank_hedges(tail, &self.tail, &accept);
+        let (mut ranked, survive) = rank_hedges(tail, &self.tail, &accept);
         ranked.truncate(max_hedges);
-        let survive: f32 = tail
-            .iter()
-            .zip(&self.tail)
-            .zip(&accept)
-            .map(|((t, c), a)| {
-                a.unwrap_or_else(|| c.iter().find(|e| e.0 == *t).map_or(0.0, |e| e.1))
-            })
-            .product();
         let main_chance = survive * first.iter().take(heads).map(|e| e.1).sum::<f32>();
         let alpha = self.confidence.get().unwrap_or(0.5);
         let n = hedge_count(main_chance, &ranked, heads, gamma, alpha, |rows| {
-            if rows > heads {
-                self.costs.hedged_ratio(rows)
-            } else {
-                self.costs.ratio(rows)
-            }
+            self.costs.step_ratio(rows, rows > heads)
         });
         ranked.truncate(n);
         ranked
@@ -520,7 +511,6 @@ impl Drafter {
     ) -> Result<DraftTree, RuntimeError> {
         let q1_logits = self.catch_up(lm)?;
         let sampled = self.sampling.is_some();
-        let q1 = top_softmax(&q1_logits, MAX_BRANCHES);
         let c1 = self.candidates(&q1_logits);
         let mut steps = 1;
         // The first token: sampled when it will be verified against its
@@ -545,6 +535,7 @@ impl Drafter {
         let l2 = l2?;
         self.costs.observe(1, secs);
         steps += 1;
+        let q1 = top_softmax(&q1_logits, MAX_BRANCHES);
         let p21 = top_softmax(l2.last(), 1).first().map_or(1.0, |e| e.1);
         let k = if first_verified {
             1
@@ -556,10 +547,10 @@ impl Drafter {
             let mut chain = vec![x1];
             let mut cands = vec![c1];
             let mut qs: Vec<Distribution> = q_x1.into_iter().collect();
-            let mut next_logits = l2.last().to_vec();
-            let (mut next, mut q_next) = self.pick(&next_logits);
+            let mut logits = l2;
+            let (mut next, mut q_next) = self.pick(logits.last());
             while chain.len() < gamma {
-                cands.push(self.candidates(&next_logits));
+                cands.push(self.candidates(logits.last()));
                 chain.push(next);
                 qs.extend(q_next.take());
                 if chain.len() == gamma {
@@ -570,8 +561,8 @@ impl Drafter {
                 let l = l?;
                 self.costs.observe(1, secs);
                 steps += 1;
-                next_logits = l.last().to_vec();
-                (next, q_next) = self.pick(&next_logits);
+                logits = l;
+                (next, q_next) = self.pick(logits.last());
             }
             self.drafted = vec![cands];
             return Ok(tree(vec![chain], sampled.then(|| vec![qs]), steps));
@@ -587,11 +578,7 @@ impl Drafter {
         let count = rows.len();
         // The γ − 1 one-row steps a single chain would take after its head,
         // spent on batched steps of `count` rows at their measured cost.
-        let ratio = if hedges.is_empty() {
-            self.costs.ratio(count)
-        } else {
-            self.costs.hedged_ratio(count)
-        };
+        let ratio = self.costs.step_ratio(count, !hedges.is_empty());
         let batched_steps = (((gamma - 1) as f64 / ratio).floor() as usize).min(gamma - 1);
         let longest = 1 + batched_steps;
         let mut full: Vec<Vec<u32>> = rows.iter().map(|&(_, h)| vec![h]).collect();
@@ -655,11 +642,7 @@ impl Drafter {
             Some(Rows::Separate(seqs))
         };
         // Accounted at the ratio just measured (this round's steps included).
-        let ratio = if hedges.is_empty() {
-            self.costs.ratio(count)
-        } else {
-            self.costs.hedged_ratio(count)
-        };
+        let ratio = self.costs.step_ratio(count, !hedges.is_empty());
         steps += (batched_steps as f64 * ratio).round() as usize;
         let anchors = if hedges.is_empty() {
             Vec::new()

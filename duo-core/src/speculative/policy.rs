@@ -124,12 +124,19 @@ pub struct Hedge {
 /// is `accept[a]` when measured (the acceptance observed at that tail
 /// position), else the draft's own `q_a(tail[a])` (the chance is then
 /// `Π_{i<a} q_i(tail[i]) · q_a(h)`). Positions without candidates end the
-/// list there (nothing is known past them).
-pub fn rank_hedges(tail: &[u32], alts: &[Vec<(u32, f32)>], accept: &[Option<f32>]) -> Vec<Hedge> {
+/// list there (nothing is known past them). Also returns the chance, by
+/// the same estimates, that the whole tail is accepted (0 when a position
+/// had no candidates).
+pub fn rank_hedges(
+    tail: &[u32],
+    alts: &[Vec<(u32, f32)>],
+    accept: &[Option<f32>],
+) -> (Vec<Hedge>, f32) {
     let mut out = Vec::new();
     let mut survive = 1.0f32;
     for (anchor, (&token, cands)) in tail.iter().zip(alts).enumerate() {
         if cands.is_empty() {
+            survive = 0.0;
             break;
         }
         let q_tail = cands.iter().find(|c| c.0 == token).map_or(0.0, |c| c.1);
@@ -152,7 +159,7 @@ pub fn rank_hedges(tail: &[u32], alts: &[Vec<(u32, f32)>], accept: &[Option<f32>
         survive *= p_accept;
     }
     out.sort_by(|a, b| b.chance.total_cmp(&a.chance));
-    out
+    (out, survive)
 }
 
 /// How many of `hedges` (ranked, most likely first) to draft beside
@@ -210,15 +217,10 @@ pub fn fallback_chain_len(
     verify_cost: impl Fn(usize) -> f64,
     max: usize,
 ) -> usize {
-    let overhead = if overhead.is_finite() {
-        overhead.max(0.0)
-    } else {
-        return 0;
-    };
-    let alpha = alpha.clamp(0.0, 1.0);
-    if !ratio.is_finite() || ratio < 0.0 {
+    if !overhead.is_finite() || !ratio.is_finite() || ratio < 0.0 {
         return 0;
     }
+    let (alpha, overhead) = (alpha.clamp(0.0, 1.0), overhead.max(0.0));
     let mut best = (1.0, 0);
     let (mut tokens, mut power) = (1.0, 1.0);
     for g in 1..=max {
@@ -340,19 +342,20 @@ mod tests {
     fn hedges_rank_by_survival_times_candidate() {
         // Tail [1, 2]; the draft gave 1 0.6 (alt 7: 0.3), then 2 0.5 (alt 8: 0.4).
         let alts = vec![vec![(1, 0.6), (7, 0.3)], vec![(2, 0.5), (8, 0.4)]];
-        let h = rank_hedges(&[1, 2], &alts, &[]);
+        let (h, survive) = rank_hedges(&[1, 2], &alts, &[]);
+        assert!((survive - 0.3).abs() < 1e-6);
         assert_eq!(h.len(), 2);
         assert_eq!((h[0].anchor, h[0].head), (0, 7));
         assert!((h[0].chance - 0.3).abs() < 1e-6);
         assert_eq!((h[1].anchor, h[1].head), (1, 8));
         assert!((h[1].chance - 0.24).abs() < 1e-6);
         // The tail's own tokens are never hedges; unknown positions end it.
-        let h = rank_hedges(&[1, 2, 3], &[vec![(1, 1.0)], vec![], vec![(9, 0.5)]], &[]);
+        let (h, _) = rank_hedges(&[1, 2, 3], &[vec![(1, 1.0)], vec![], vec![(9, 0.5)]], &[]);
         assert!(h.is_empty());
-        assert!(rank_hedges(&[], &[], &[]).is_empty());
+        assert!(rank_hedges(&[], &[], &[]).0.is_empty());
         // Measured acceptance moves the hedges to where rejections happen:
         // position 0 is always accepted, position 1 half the time.
-        let h = rank_hedges(&[1, 2], &alts, &[Some(1.0), Some(0.5)]);
+        let (h, _) = rank_hedges(&[1, 2], &alts, &[Some(1.0), Some(0.5)]);
         assert_eq!((h[0].anchor, h[0].head), (1, 8));
         assert!((h[0].chance - 0.5 * 0.8).abs() < 1e-6, "{h:?}");
         assert_eq!(h[1].chance, 0.0);

@@ -85,6 +85,11 @@ impl RoundKind {
     /// Every kind, in a fixed order (for metrics and reports).
     pub const ALL: [RoundKind; 4] = [Self::Lone, Self::Branch, Self::Hedge, Self::Chain];
 
+    /// The kind named `name` ([`Self::as_str`]'s spelling), if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
     /// The kind's name, as in metrics labels and JSON.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -345,10 +350,9 @@ impl Round {
     /// Checks the draft's branches for this round before they are used:
     /// none empty; `anchors` empty (every branch after the whole tail) or
     /// one per branch (`None`: after the whole tail), each at most the
-    /// tail's length; a hedge (anchor
-    /// inside the tail) headed by a token other than the tail's there; no
-    /// two branches with the same anchor and head; `proposals` empty or one
-    /// list per branch, one per token. A tree that fails is its draft
+    /// tail's length; a hedge (anchor inside the tail) headed by a token
+    /// other than the tail's there; no two branches with the same anchor
+    /// and head; `proposals` empty or one list per branch, one per token. A tree that fails is its draft
     /// worker's fault: the caller drops it (the round goes on without
     /// branches), never the generation.
     pub fn check_branches(
@@ -407,8 +411,9 @@ impl Round {
 
     /// [`Self::apply`] with each branch's anchor: branch `j` continues
     /// `C + tail[..a]` for `anchors[j] = Some(a)` (the whole tail for
-    /// `None`, or when `anchors` is empty). The pending branch becomes the one anchored where the tail
-    /// stopped being accepted and headed by the target's draw there: after
+    /// `None`, or when `anchors` is empty). The pending branch becomes the
+    /// one anchored where the tail stopped being accepted and headed by the
+    /// target's draw there: after
     /// a rejection at `a`, a *hedge* anchored at `a`; after a fully
     /// accepted tail, a branch anchored at its end. Lossless either way:
     /// what is committed is the verdict's alone, and the adopted branch's
@@ -584,15 +589,7 @@ mod tests {
     #[test]
     fn rejection_at_each_position_rolls_back_both_sides() {
         for reject_at in 0..3 {
-            let mut r = Round::new(vec![1]);
-            r.resolve(
-                &greedy(&[5]),
-                &[vec![5, 6, 7, 8]],
-                &[],
-                &mut rng_from_seed(0),
-            )
-            .unwrap();
-            assert_eq!(r.tail(), &[6, 7, 8]);
+            let mut r = tail_678();
             let mut target_says = vec![6, 7, 8, 9];
             target_says[reject_at] = 99;
             let out = r
