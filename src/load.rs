@@ -15,6 +15,10 @@ use serde_json::json;
 use crate::ModelArgs;
 use crate::bench::{machine, read_prompts};
 use crate::client::{Prompt, Remote};
+use crate::up::{Ports, Service, service_port};
+
+/// The local deployments' metrics ports start this far above `--port`.
+const METRICS_PORT_OFFSET: u16 = 50;
 
 #[derive(Args)]
 pub struct LoadArgs {
@@ -73,6 +77,121 @@ struct Point {
     ttft_p99_ms: f64,
     /// Generations whose tokens equal the autoregressive reference.
     identical: usize,
+    /// How the workers batched during this point (local deployments).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batching: Option<Batching>,
+}
+
+/// How the draft workers and the target batched over one point: means over
+/// its steps and forwards, from the services' metrics (the difference of
+/// two scrapes).
+#[derive(Serialize, Debug, Clone, Copy, Default)]
+struct Batching {
+    draft_steps: f64,
+    draft_rows_per_step: f64,
+    draft_sessions_per_step: f64,
+    draft_step_ms: f64,
+    /// Mean wait of a draft step for the model (queueing behind others).
+    draft_queue_wait_ms: f64,
+    target_forwards: f64,
+    target_sessions_per_forward: f64,
+    target_forward_ms: f64,
+}
+
+/// The metrics ports to scrape: the target's, then each draft worker's.
+struct Scrape {
+    target: u16,
+    drafts: Vec<u16>,
+}
+
+/// Sums and counts of the histograms [`Batching`] is made of.
+#[derive(Clone, Copy, Default)]
+struct Totals {
+    draft_rows: (f64, f64),
+    draft_sessions: (f64, f64),
+    draft_step: (f64, f64),
+    draft_wait: (f64, f64),
+    target_sessions: (f64, f64),
+    target_forward: (f64, f64),
+}
+
+impl Scrape {
+    fn totals(&self) -> anyhow::Result<Totals> {
+        let mut t = Totals::default();
+        for &port in &self.drafts {
+            let text = get_metrics(port)?;
+            add(&mut t.draft_rows, histogram(&text, "duo_draft_step_rows"));
+            add(
+                &mut t.draft_sessions,
+                histogram(&text, "duo_draft_step_sessions"),
+            );
+            add(
+                &mut t.draft_step,
+                histogram(&text, "duo_draft_step_seconds"),
+            );
+            add(
+                &mut t.draft_wait,
+                histogram(&text, "duo_draft_queue_wait_seconds"),
+            );
+        }
+        let text = get_metrics(self.target)?;
+        t.target_sessions = histogram(&text, "duo_target_batch_sessions");
+        t.target_forward = histogram(&text, "duo_target_forward_seconds");
+        Ok(t)
+    }
+}
+
+fn add(a: &mut (f64, f64), b: (f64, f64)) {
+    a.0 += b.0;
+    a.1 += b.1;
+}
+
+impl Batching {
+    fn between(a: &Totals, b: &Totals) -> Self {
+        let mean = |x: (f64, f64), y: (f64, f64)| {
+            let n = y.1 - x.1;
+            if n > 0.0 { (y.0 - x.0) / n } else { 0.0 }
+        };
+        Self {
+            draft_steps: b.draft_step.1 - a.draft_step.1,
+            draft_rows_per_step: mean(a.draft_rows, b.draft_rows),
+            draft_sessions_per_step: mean(a.draft_sessions, b.draft_sessions),
+            draft_step_ms: mean(a.draft_step, b.draft_step) * 1e3,
+            draft_queue_wait_ms: mean(a.draft_wait, b.draft_wait) * 1e3,
+            target_forwards: b.target_forward.1 - a.target_forward.1,
+            target_sessions_per_forward: mean(a.target_sessions, b.target_sessions),
+            target_forward_ms: mean(a.target_forward, b.target_forward) * 1e3,
+        }
+    }
+}
+
+/// `GET /metrics` from a service on loopback.
+fn get_metrics(port: u16) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("metrics on port {port}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// A Prometheus histogram's (sum, count), over all its label sets.
+fn histogram(text: &str, name: &str) -> (f64, f64) {
+    let total = |suffix: &str| -> f64 {
+        let full = format!("{name}{suffix}");
+        text.lines()
+            .filter_map(|l| {
+                let (key, value) = l.rsplit_once(' ')?;
+                let metric = key.split('{').next()?;
+                (metric == full)
+                    .then(|| value.parse::<f64>().ok())
+                    .flatten()
+            })
+            .sum()
+    };
+    (total("_sum"), total("_count"))
 }
 
 /// One generation: (prompt index, tokens, latency ms, TTFT ms).
@@ -150,6 +269,7 @@ fn measure(
         ttft_p50_ms: percentile(&ttft, 0.5),
         ttft_p99_ms: percentile(&ttft, 0.99),
         identical,
+        batching: None,
     })
 }
 
@@ -160,6 +280,7 @@ fn sweep(
     prompts: &[Vec<u32>],
     drafts: Option<usize>,
     max_batch: Option<u64>,
+    scrape: Option<&Scrape>,
 ) -> anyhow::Result<Vec<Point>> {
     let base = GenerateParams {
         max_new_tokens: a.max_new_tokens,
@@ -182,7 +303,11 @@ fn sweep(
                 mode,
                 ..base.clone()
             };
+            let before = scrape.map(Scrape::totals).transpose()?;
             let mut p = measure(endpoint, prompts, &reference, &params, clients, a.requests)?;
+            if let (Some(s), Some(before)) = (scrape, before) {
+                p.batching = Some(Batching::between(&before, &s.totals()?));
+            }
             p.drafts = drafts;
             p.max_batch = max_batch;
             eprintln!(
@@ -196,6 +321,19 @@ fn sweep(
                 p.identical,
                 p.requests
             );
+            if let Some(b) = &p.batching {
+                eprintln!(
+                    "    draft: {:.0} steps, {:.1} rows and {:.2} sessions per step, {:.2} ms per step, queue wait {:.2} ms; target: {:.0} forwards, {:.2} sessions per forward, {:.1} ms each",
+                    b.draft_steps,
+                    b.draft_rows_per_step,
+                    b.draft_sessions_per_step,
+                    b.draft_step_ms,
+                    b.draft_queue_wait_ms,
+                    b.target_forwards,
+                    b.target_sessions_per_forward,
+                    b.target_forward_ms
+                );
+            }
             points.push(p);
         }
     }
@@ -217,13 +355,32 @@ pub fn run(a: LoadArgs) -> anyhow::Result<()> {
         .collect();
     let mut points = Vec::new();
     match &a.endpoint {
-        Some(e) => points.extend(sweep(&a, e, &prompts, None, None)?),
+        Some(e) => points.extend(sweep(&a, e, &prompts, None, None, None)?),
         None => {
             for &batch in &a.max_batch {
                 for &d in &a.drafts {
                     let flags = ["--max-batch".to_string(), batch.to_string()];
-                    let dep = crate::up::start(&a.models, a.port, d, None, false, &flags)?;
-                    points.extend(sweep(&a, &dep.endpoint, &prompts, Some(d), Some(batch))?);
+                    let ports = Ports {
+                        grpc: a.port,
+                        http: None,
+                        metrics: Some(a.port + METRICS_PORT_OFFSET),
+                    };
+                    let dep = crate::up::start(&a.models, &ports, d, false, &flags)?;
+                    let base = a.port + METRICS_PORT_OFFSET;
+                    let scrape = Scrape {
+                        target: service_port(base, Service::Target),
+                        drafts: (0..d)
+                            .map(|i| service_port(base, Service::Draft(i)))
+                            .collect(),
+                    };
+                    points.extend(sweep(
+                        &a,
+                        &dep.endpoint,
+                        &prompts,
+                        Some(d),
+                        Some(batch),
+                        Some(&scrape),
+                    )?);
                 }
             }
         }

@@ -30,6 +30,29 @@ pub struct UpArgs {
     /// Also serve the OpenAI-compatible HTTP API on this port.
     #[arg(long)]
     pub http_port: Option<u16>,
+    /// Serve each service's Prometheus metrics (GET /metrics): the
+    /// orchestrator on this port, the target on PORT+1, draft workers on
+    /// PORT+2...
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+}
+
+/// Where `duo up` puts the services: the orchestrator on `base`, the
+/// target on `base + 1`, draft worker `i` on `base + 2 + i`.
+pub fn service_port(base: u16, service: Service) -> u16 {
+    match service {
+        Service::Orchestrator => base,
+        Service::Target => base + 1,
+        Service::Draft(i) => base + 2 + i as u16,
+    }
+}
+
+/// One of the services `duo up` starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Service {
+    Orchestrator,
+    Target,
+    Draft(usize),
 }
 
 /// Child processes, stopped (SIGTERM, then kill) when dropped.
@@ -93,18 +116,35 @@ fn spawn(name: &str, args: &[String], log: bool) -> anyhow::Result<(String, Chil
 /// reports every draft worker healthy (loaded, serving, compatible): ready
 /// means a first request drafts. `target_flags` go to target-service as
 /// they are (e.g. `--max-batch 1`).
+/// How `duo up` (and `duo bench-load`) start a deployment.
+pub struct Ports {
+    /// Orchestrator gRPC; the others follow ([`service_port`]).
+    pub grpc: u16,
+    pub http: Option<u16>,
+    /// Metrics ports' base ([`service_port`]), if served.
+    pub metrics: Option<u16>,
+}
+
 pub fn start(
     m: &ModelArgs,
-    port: u16,
+    ports: &Ports,
     drafts: usize,
-    http_port: Option<u16>,
     log: bool,
     target_flags: &[String],
 ) -> anyhow::Result<Deployment> {
     let cfg = m.config()?;
     let path = |p: &Path| p.display().to_string();
+    let port = ports.grpc;
+    let metrics = |service: Service| -> Vec<String> {
+        ports.metrics.map_or_else(Vec::new, |base| {
+            vec![
+                "--metrics-listen".into(),
+                format!("127.0.0.1:{}", service_port(base, service)),
+            ]
+        })
+    };
     let mut children = Vec::new();
-    let target_addr = format!("127.0.0.1:{}", port + 1);
+    let target_addr = format!("127.0.0.1:{}", service_port(port, Service::Target));
     let mut common = Vec::new();
     if let Some(lib) = &m.ort_lib {
         common.extend(["--ort-lib".to_string(), path(lib)]);
@@ -125,11 +165,12 @@ pub fn start(
         t.extend(["--cpu-core".into(), "0".into()]);
     }
     t.extend(common.clone());
+    t.extend(metrics(Service::Target));
     t.extend(target_flags.iter().cloned());
     children.push(spawn("target-service", &t, log)?);
     let mut draft_addrs = Vec::new();
     for i in 0..drafts {
-        let addr = format!("127.0.0.1:{}", port + 2 + i as u16);
+        let addr = format!("127.0.0.1:{}", service_port(port, Service::Draft(i)));
         let mut d = vec![
             "--listen".into(),
             addr.clone(),
@@ -145,6 +186,7 @@ pub fn start(
             d.extend(["--cpu-core".into(), (1 + i).to_string()]);
         }
         d.extend(common.clone());
+        d.extend(metrics(Service::Draft(i)));
         children.push(spawn("draft-service", &d, log)?);
         draft_addrs.push(format!("http://{addr}"));
     }
@@ -160,9 +202,10 @@ pub fn start(
     for d in &draft_addrs {
         o.extend(["--draft".into(), d.clone()]);
     }
-    if let Some(h) = http_port {
+    if let Some(h) = ports.http {
         o.extend(["--http-listen".into(), format!("127.0.0.1:{h}")]);
     }
+    o.extend(metrics(Service::Orchestrator));
     children.push(spawn("orchestrator", &o, log)?);
     let mut dep = Deployment { children, endpoint };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -197,14 +240,12 @@ pub fn start(
 }
 
 pub fn run(a: UpArgs) -> anyhow::Result<()> {
-    let dep = start(
-        &a.models,
-        a.port,
-        a.drafts,
-        a.http_port,
-        a.demo.is_none(),
-        &[],
-    )?;
+    let ports = Ports {
+        grpc: a.port,
+        http: a.http_port,
+        metrics: a.metrics_port,
+    };
+    let dep = start(&a.models, &ports, a.drafts, a.demo.is_none(), &[])?;
     eprintln!(
         "orchestrator ready at {} (target on port {}, {} draft worker(s) from port {})",
         dep.endpoint,
@@ -214,6 +255,13 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     );
     if let Some(h) = a.http_port {
         eprintln!("OpenAI-compatible API at http://127.0.0.1:{h}/v1");
+    }
+    if let Some(m) = a.metrics_port {
+        eprintln!(
+            "metrics at http://127.0.0.1:{m}/metrics (orchestrator), :{}/metrics (target), :{}/metrics... (draft workers)",
+            service_port(m, Service::Target),
+            service_port(m, Service::Draft(0))
+        );
     }
     if let Some(prompt) = a.demo {
         let mut r = Remote::connect(&dep.endpoint)?;

@@ -4,6 +4,8 @@
 //! A session is one bidirectional `Draft/Session` stream: `OpenDraft`, then
 //! `DraftJob`s. Closing the stream frees the session.
 
+mod scheduler;
+
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -53,11 +55,37 @@ pub struct Args {
     /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the build's .ort/).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
+    /// Most batch rows per draft step, across sessions (each session's
+    /// branches and hedges take a row each); 1 = sessions take turns. A
+    /// single session's step always runs, however wide.
+    #[arg(long, env = "DUO_MAX_STEP_ROWS", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_step_rows: u64,
+    /// Most fed tokens per draft step, padding included (rows × the longest
+    /// feed); a single session's step always runs, however long.
+    #[arg(long, env = "DUO_MAX_STEP_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_step_tokens: u64,
+    /// Longest wait, in microseconds, for the sessions of the previous step
+    /// to send their next one before a step runs without them (never over
+    /// the last step's time; a lone session never waits). 0 = never wait.
+    #[arg(long, env = "DUO_STEP_WAIT_US", default_value_t = 2000)]
+    pub step_wait_us: u64,
+}
+
+impl Args {
+    fn step_limits(&self) -> scheduler::StepLimits {
+        scheduler::StepLimits {
+            max_rows: usize::try_from(self.max_step_rows).unwrap_or(usize::MAX),
+            max_tokens: usize::try_from(self.max_step_tokens).unwrap_or(usize::MAX),
+            max_wait: std::time::Duration::from_micros(self.step_wait_us),
+        }
+    }
 }
 
 #[derive(Clone)]
 struct DraftService {
     loaded: Arc<OnceLock<LoadedWorker>>,
+    /// Runs every session's drafting steps on the model, batched.
+    scheduler: scheduler::Scheduler,
     limiter: SessionLimiter,
     ttl: Option<std::time::Duration>,
     cpu_core: Option<usize>,
@@ -132,6 +160,7 @@ impl Draft for DraftService {
             let Ok(loaded) = svc.loaded() else { return };
             let vocab = loaded.vocab_size() as usize;
             let mut drafter: Option<Drafter> = None;
+            let mut session = Some(svc.scheduler.session());
             while let Some(msg) = next_or_close(&mut inbound, svc.ttl, &tx, "draft-service").await {
                 let reply = match msg.kind {
                     None => Err(Status::invalid_argument(
@@ -150,24 +179,29 @@ impl Draft for DraftService {
                                 Err(e)
                             }
                             (Some(mut d), Ok(job)) => {
-                                let svc2 = svc.clone();
+                                let cpu_core = svc.cpu_core;
+                                let link = session.take();
                                 let done = tokio::task::spawn_blocking(move || {
-                                    if let Some(core) = svc2.cpu_core {
+                                    if let Some(core) = cpu_core {
                                         duo_core::engine::pin_current_thread(core);
                                     }
-                                    let res = match svc2.loaded() {
-                                        Ok(l) => {
-                                            let mut lm = l.lm();
-                                            d.draft(&mut lm, &job).map_err(engine_status)
+                                    let res = match &link {
+                                        Some(link) => {
+                                            let drafting = link.job();
+                                            d.draft(&mut drafting.forwards(), &job)
+                                                .map_err(engine_status)
                                         }
-                                        Err(e) => Err(e),
+                                        None => Err(Status::internal(
+                                            "the draft session lost its scheduler link",
+                                        )),
                                     };
-                                    (d, res)
+                                    (d, link, res)
                                 })
                                 .await;
                                 match done {
-                                    Ok((d, res)) => {
+                                    Ok((d, link, res)) => {
                                         drafter = Some(d);
+                                        session = link;
                                         if let Ok(tree) = &res {
                                             metrics::counter!("duo_draft_jobs_total").increment(1);
                                             metrics::counter!("duo_draft_tokens_total")
@@ -244,8 +278,13 @@ pub async fn serve(
     health_reporter
         .set_not_serving::<DraftServer<DraftService>>()
         .await;
+    let loaded = Arc::new(OnceLock::new());
+    let scheduler =
+        scheduler::Scheduler::start(Arc::clone(&loaded), args.step_limits(), args.cpu_core)
+            .map_err(|e| format!("starting the draft scheduler thread: {e}"))?;
     let svc = DraftService {
-        loaded: Arc::new(OnceLock::new()),
+        loaded,
+        scheduler,
         limiter: args.sessions.limiter("duo_draft_sessions_open"),
         ttl: args.sessions.ttl(),
         cpu_core: args.cpu_core,

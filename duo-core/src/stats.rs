@@ -138,6 +138,17 @@ impl Ema {
     pub fn get(&self) -> Option<f64> {
         self.value
     }
+
+    /// Moves this estimate `weight` (in [0, 1]) of the way toward
+    /// `other`'s; takes `other`'s when this one has none, keeps this one
+    /// when `other` has none.
+    pub fn blend(&mut self, other: &Ema, weight: f64) {
+        let w = weight.clamp(0.0, 1.0);
+        self.value = match (self.value, other.value) {
+            (Some(a), Some(b)) => Some(a + w * (b - a)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,17 @@
-//! Batched forwards across sequences (`CausalLm::extend_batch`) against the
+//! Batched forwards across sequences (`CausalLm::extend_batch`,
+//! `extend_parts`, and drafters' steps run together by `run_steps`) against the
 //! same forwards run one sequence at a time, on the bundled models (real
 //! ONNX Runtime): sequences of different context lengths, feeding different
 //! numbers of tokens, after rollbacks, in batches whose membership changes
 //! from one forward to the next.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
-use duo_core::runtime::{BatchItem, CausalLm, Logits, ModelOptions, Sequence};
+use duo_core::runtime::{
+    BatchItem, BatchPart, CausalLm, Forwards, Logits, ModelOptions, Sequence, Step, StepClient,
+    StepResult, run_steps,
+};
 use duo_core::sampling::argmax;
 
 fn models() -> PathBuf {
@@ -221,4 +226,140 @@ fn a_bad_item_is_refused_before_the_forward() {
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     assert_eq!(lm.host_traffic().forwards, before);
     assert!(seqs.iter().all(Sequence::is_empty));
+}
+
+/// Branches (k rows of one length) and sequences of other lengths in one
+/// forward (`extend_parts`): each part gets the logits of its own call and
+/// is left as its own call would leave it (checked by a solo step after).
+#[test]
+fn branches_and_sequences_share_one_forward() {
+    let mut lm = load("draft");
+    let p = prompts();
+    let prefill = |lm: &mut CausalLm, ctx: &[u32]| {
+        let mut seq = lm.sequence().unwrap();
+        lm.extend_last(&mut seq, ctx, 1).unwrap();
+        seq
+    };
+    let heads = [p[1][12], p[1][13], p[1][14]];
+    let step = [p[0][30]];
+    // Solo.
+    let mut br_solo = prefill(&mut lm, &p[1][..12]).fork(3).unwrap();
+    let mut seq_solo = prefill(&mut lm, &p[0][..30]);
+    let want_br = lm.extend_branches(&mut br_solo, &heads).unwrap();
+    let want_seq = lm.extend_last(&mut seq_solo, &step, 1).unwrap();
+    // One forward.
+    let mut br = prefill(&mut lm, &p[1][..12]).fork(3).unwrap();
+    let mut seq = prefill(&mut lm, &p[0][..30]);
+    let before = lm.host_traffic().forwards;
+    let got = lm
+        .extend_parts(&mut [
+            BatchPart::Branches {
+                br: &mut br,
+                tokens: &heads,
+            },
+            BatchPart::Seq(BatchItem {
+                seq: &mut seq,
+                tokens: &step,
+                rows: 1,
+            }),
+        ])
+        .expect("one forward");
+    assert_eq!(lm.host_traffic().forwards, before + 1);
+    assert!(max_diff(&got[0], &want_br) < ROUNDING);
+    assert!(max_diff(&got[1], &want_seq) < ROUNDING);
+    for j in 0..3 {
+        assert_eq!(br.branch(j), br_solo.branch(j));
+    }
+    assert_eq!(seq.tokens(), seq_solo.tokens());
+    // The caches the batch left behave as the solo ones.
+    let next = [p[1][20], p[1][21], p[1][22]];
+    let a = lm.extend_branches(&mut br, &next).unwrap();
+    let b = lm.extend_branches(&mut br_solo, &next).unwrap();
+    assert!(max_diff(&a, &b) < ROUNDING);
+    let a = lm.extend_last(&mut seq, &[p[0][31]], 1).unwrap();
+    let b = lm.extend_last(&mut seq_solo, &[p[0][31]], 1).unwrap();
+    assert!(max_diff(&a, &b) < ROUNDING);
+}
+
+/// What caller `i`'s thread got back: its logits (or error) and sequence.
+type Outcome = (usize, Result<Logits, String>, Sequence);
+
+/// Four callers on their own threads, each asking for one forward through
+/// a `StepClient` (their sequences move to the model's thread and back),
+/// run as one `run_steps` call: each gets its solo logits and its
+/// sequences back advanced, and the step the model refuses (an id outside
+/// the vocabulary) gets its own error while the other three share one
+/// forward.
+#[test]
+fn steps_of_several_callers_run_as_one_forward() {
+    let mut lm = load("draft");
+    let vocab = lm.info().vocab_size as u32;
+    let p = prompts();
+    let prefill = |lm: &mut CausalLm, ctx: &[u32]| {
+        let mut seq = lm.sequence().unwrap();
+        lm.extend_last(&mut seq, ctx, 1).unwrap();
+        seq
+    };
+    let contexts: [&[u32]; 4] = [&p[0][..30], &p[1][..12], &p[2][..5], &p[2][..17]];
+    let feeds: [Vec<u32>; 4] = [
+        vec![p[0][30]],
+        vec![p[1][12]],
+        vec![p[2][5], p[2][6]],
+        vec![vocab],
+    ];
+    let (tx, rx) = mpsc::channel::<(Step, mpsc::SyncSender<(Step, StepResult)>)>();
+    let outcomes: Vec<Outcome> = std::thread::scope(|s| {
+        let callers: Vec<_> = (0..4)
+            .map(|i| {
+                let mut seq = prefill(&mut lm, contexts[i]);
+                let tokens = feeds[i].clone();
+                let tx = tx.clone();
+                s.spawn(move || {
+                    let mut client = StepClient::new(|step| {
+                        let (reply, back) = mpsc::sync_channel(1);
+                        tx.send((step, reply)).expect("model thread");
+                        Ok(back.recv().expect("step back"))
+                    });
+                    let got = client
+                        .extend_last(&mut seq, &tokens, 1)
+                        .map_err(|e| e.to_string());
+                    (i, got, seq)
+                })
+            })
+            .collect();
+        drop(tx);
+        let (mut steps, replies): (Vec<Step>, Vec<_>) = (0..4).map(|_| rx.recv().unwrap()).unzip();
+        let before = lm.host_traffic().forwards;
+        let results = run_steps(&mut lm, &mut steps);
+        assert_eq!(
+            lm.host_traffic().forwards,
+            before + 1,
+            "one forward for all"
+        );
+        for ((step, result), reply) in steps.into_iter().zip(results).zip(replies) {
+            reply.send((step, result)).unwrap();
+        }
+        callers.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for (i, result, seq) in outcomes {
+        if i == 3 {
+            let err = result.expect_err("refused");
+            assert!(err.contains("outside the vocabulary"), "{err}");
+            assert_eq!(
+                seq.tokens(),
+                contexts[3],
+                "a refused step leaves its sequence"
+            );
+            continue;
+        }
+        let logits = result.expect("step ran");
+        let mut solo = prefill(&mut lm, contexts[i]);
+        let want = lm.extend_last(&mut solo, &feeds[i], 1).unwrap();
+        assert!(max_diff(&logits, &want) < ROUNDING, "caller {i}");
+        assert_eq!(
+            seq.tokens(),
+            solo.tokens(),
+            "caller {i}'s sequence came back advanced"
+        );
+    }
 }

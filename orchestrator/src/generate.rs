@@ -14,6 +14,11 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::failover::PooledDraft;
+
+/// How far a finished generation moves the shared budget seed toward its
+/// own estimates (`BudgetController::absorb`): the seed is an average over
+/// the last few generations.
+const SEED_WEIGHT: f64 = 0.5;
 use crate::limits::session_max_context;
 use crate::remote::{RemoteTarget, Side};
 use crate::service::Orchestrator;
@@ -128,7 +133,12 @@ impl Orchestrator {
         })
         .await
         .map_err(|e| Status::internal(format!("generation task failed: {e}")))?;
-        *st.budget.lock().unwrap_or_else(|p| p.into_inner()) = budget;
+        // This generation adapted its own copy (γ under the load it saw);
+        // fold it into the seed the next generations start from.
+        st.budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .absorb(&budget, SEED_WEIGHT);
         // A side's failure keeps its kind (e.g. the target's
         // RESOURCE_EXHAUSTED), see `remote::Side::error`.
         let g = gen_result.map_err(engine_status)?;

@@ -36,7 +36,9 @@ pub(crate) struct State {
     pub(crate) max_prompt_bytes: usize,
     /// The model limits, once learned from the target ([`crate::limits`]).
     pub(crate) limits: Mutex<Option<Limits>>,
-    /// The cost estimates, carried from one generation to the next.
+    /// The seed of every generation's cost estimates: each generation
+    /// adapts its own copy and folds it back in when it ends
+    /// (`BudgetController::absorb`).
     pub(crate) budget: Mutex<BudgetController>,
     pub(crate) limiter: SessionLimiter,
     pub(crate) chat_template: openai::ChatTemplate,

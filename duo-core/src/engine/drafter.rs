@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::runtime::{BatchItem, Branches, CausalLm, RuntimeError, Sequence};
+use crate::runtime::{BatchItem, Branches, CausalLm, Forwards, RuntimeError, Sequence};
 use crate::sampling::{Distribution, Rng, SamplingParams, argmax, top_softmax};
 use crate::speculative::policy::{
     BranchPolicy, HEDGE_CANDIDATES, Hedge, MAX_BRANCHES, MAX_HEDGES, hedge_count, rank_hedges,
@@ -308,7 +308,11 @@ impl Drafter {
     }
 
     /// Applies `sync`, then drafts up to `gamma` tokens in one or more branches.
-    pub fn draft(&mut self, lm: &mut CausalLm, job: &DraftJob) -> Result<DraftTree, RuntimeError> {
+    pub fn draft(
+        &mut self,
+        lm: &mut dyn Forwards,
+        job: &DraftJob,
+    ) -> Result<DraftTree, RuntimeError> {
         let start = Instant::now();
         self.apply(&job.sync)?;
         let max_hedges = if job.first_verified {
@@ -442,7 +446,7 @@ impl Drafter {
     }
 
     /// Feeds what is unfed and returns the logits row for the next position.
-    fn catch_up(&mut self, lm: &mut CausalLm) -> Result<Vec<f32>, RuntimeError> {
+    fn catch_up(&mut self, lm: &mut dyn Forwards) -> Result<Vec<f32>, RuntimeError> {
         if self.unfed.is_empty() {
             // Re-feed the last token to get its logits.
             let n = self.seq.len();
@@ -503,7 +507,7 @@ impl Drafter {
 
     fn propose(
         &mut self,
-        lm: &mut CausalLm,
+        lm: &mut dyn Forwards,
         gamma: usize,
         policy: BranchPolicy,
         max_hedges: usize,

@@ -113,8 +113,15 @@ pub(crate) struct Editor {
     /// — the caches of b sequences, each left-padded to a common length,
     /// stacked into one batch.
     stack_kv: Mutex<HashMap<usize, Session>>,
+    /// Per number of pieces n (built on first use): for every cache tensor
+    /// i and piece b, `y_i_b = Slice(x_i, starts_b, ends_b, axes = [0, 2])`
+    /// — a batch's caches cut back into its parts in one run.
+    unstack_kv: Mutex<HashMap<usize, Session>>,
+    /// The same for logits (`axes = [0, 1]`): each part's rows in one run.
+    unstack_logits: Mutex<HashMap<usize, Session>>,
     load: GraphLoader,
     kv_type: i32,
+    logits_type: i32,
     placement: Placement,
     inputs: Vec<String>,
     outputs: Vec<String>,
@@ -195,8 +202,11 @@ impl Editor {
             tile_kv: Mutex::new(load(&onnx_graph::model_bytes(tile, EDIT_OPSET))?),
             logit_rows: Mutex::new(load(&onnx_graph::model_bytes(rows, EDIT_OPSET))?),
             stack_kv: Mutex::new(HashMap::new()),
+            unstack_kv: Mutex::new(HashMap::new()),
+            unstack_logits: Mutex::new(HashMap::new()),
             load: Box::new(load),
             kv_type,
+            logits_type,
             placement,
             inputs,
             outputs,
@@ -261,6 +271,125 @@ impl Editor {
             }
         };
         self.run_to_device(session, &inputs)
+    }
+
+    /// The pieces of a batch's cache `kv`: piece b is every tensor sliced to
+    /// batch rows `cuts[b].0` and positions `cuts[b].1`, all cut in one run
+    /// and left on the device (the inverse of [`Self::stack`]).
+    pub(crate) fn unstack(
+        &self,
+        kv: &[DynValue],
+        cuts: &[(Range<usize>, Range<usize>)],
+    ) -> Result<Vec<Vec<DynValue>>, RuntimeError> {
+        let pieces = self.cut(&self.unstack_kv, kv, self.kv_type, 4, [0, 2], cuts, false)?;
+        let t = self.inputs.len();
+        let mut pieces = pieces.into_iter();
+        Ok((0..cuts.len())
+            .map(|_| pieces.by_ref().take(t).collect())
+            .collect())
+    }
+
+    /// Batch rows `cuts[b].0`, positions `cuts[b].1` of `logits`, for every
+    /// b, cut in one run and delivered to host memory.
+    pub(crate) fn logit_pieces(
+        &self,
+        logits: &DynValue,
+        cuts: &[(Range<usize>, Range<usize>)],
+    ) -> Result<Vec<DynValue>, RuntimeError> {
+        let tensors = std::slice::from_ref(logits);
+        self.cut(
+            &self.unstack_logits,
+            tensors,
+            self.logits_type,
+            3,
+            [0, 1],
+            cuts,
+            true,
+        )
+    }
+
+    /// Runs (building on first use) the graph that slices every tensor of
+    /// `tensors` (element type `elem`, rank `rank`) once per cut along
+    /// `axes`; outputs ordered by cut, then tensor.
+    #[allow(clippy::too_many_arguments)]
+    fn cut(
+        &self,
+        graphs: &Mutex<HashMap<usize, Session>>,
+        tensors: &[DynValue],
+        elem: i32,
+        rank: usize,
+        axes: [i64; 2],
+        cuts: &[(Range<usize>, Range<usize>)],
+        to_host: bool,
+    ) -> Result<Vec<DynValue>, RuntimeError> {
+        let (t, n) = (tensors.len(), cuts.len());
+        let bounds = cuts
+            .iter()
+            .map(|(rows, positions)| {
+                Ok((
+                    index_tensor(&[rows.start, positions.start])?,
+                    index_tensor(&[rows.end, positions.end])?,
+                ))
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
+        let x: Vec<String> = (0..t).map(|i| format!("x{i}")).collect();
+        let s: Vec<String> = (0..n).map(|b| format!("s{b}")).collect();
+        let e: Vec<String> = (0..n).map(|b| format!("e{b}")).collect();
+        let y: Vec<String> = (0..n)
+            .flat_map(|b| (0..t).map(move |i| format!("y{i}_{b}")))
+            .collect();
+        let mut inputs: Vec<(&str, &DynValue)> = Vec::with_capacity(t + 2 * n);
+        inputs.extend(x.iter().map(String::as_str).zip(tensors));
+        for (b, (start, end)) in bounds.iter().enumerate() {
+            inputs.push((s[b].as_str(), start));
+            inputs.push((e[b].as_str(), end));
+        }
+        let place = if to_host {
+            &self.placement.host
+        } else {
+            &self.placement.device
+        };
+        let outputs: Vec<(&str, &MemoryInfo<'_>)> = y.iter().map(|o| (o.as_str(), place)).collect();
+        let mut graphs = graphs.lock().unwrap_or_else(|p| p.into_inner());
+        let session = match graphs.entry(n) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(entry) => {
+                let int64 = onnx::tensor_proto::DataType::Int64 as i32;
+                let mut graph = onnx::GraphProto {
+                    name: Some(format!("duo_edit_cut{n}")),
+                    initializer: vec![onnx_graph::ints("axes", &axes)],
+                    ..Default::default()
+                };
+                let shape = vec![None; rank];
+                for name in &x {
+                    graph
+                        .input
+                        .push(onnx_graph::tensor_value(name, elem, &shape));
+                }
+                for b in 0..n {
+                    graph
+                        .input
+                        .push(onnx_graph::tensor_value(&s[b], int64, &[Some(2)]));
+                    graph
+                        .input
+                        .push(onnx_graph::tensor_value(&e[b], int64, &[Some(2)]));
+                    for (i, xi) in x.iter().enumerate() {
+                        let out = &y[b * t + i];
+                        graph.node.push(onnx_graph::node(
+                            "Slice",
+                            &[xi, &s[b], &e[b], "axes"],
+                            out,
+                            &[],
+                        ));
+                        graph
+                            .output
+                            .push(onnx_graph::tensor_value(out, elem, &shape));
+                    }
+                }
+                entry.insert((self.load)(&onnx_graph::model_bytes(graph, EDIT_OPSET))?)
+            }
+        };
+        run_bound(session, &inputs, &outputs)
     }
 
     /// Every tensor (batch 1) repeated into `k` batch rows.

@@ -80,6 +80,18 @@ impl KvCache {
         })
     }
 
+    /// A stand-in with no tensors, left behind while the cache is lent out
+    /// ([`Sequence::take`]): every model call on it is refused (its inputs
+    /// are missing), none panics.
+    fn hollow(&self) -> Self {
+        Self {
+            values: Vec::new(),
+            batch: self.batch,
+            len: 0,
+            editor: Arc::clone(&self.editor),
+        }
+    }
+
     /// Row `row`, first `n` positions, as a cache of batch 1.
     fn select(&self, row: usize, n: usize) -> Result<Self, RuntimeError> {
         if row >= self.batch {
@@ -126,6 +138,17 @@ impl Sequence {
 
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
+    }
+
+    /// Moves the sequence out (to run it elsewhere, `runtime::step`),
+    /// leaving an empty stand-in whose cache has no tensors until the
+    /// sequence is put back.
+    pub(crate) fn take(&mut self) -> Sequence {
+        let hollow = Sequence {
+            tokens: Vec::new(),
+            kv: self.kv.hollow(),
+        };
+        std::mem::replace(self, hollow)
     }
 
     /// Rolls back to the first `n` tokens (no-op when `n >= len`).
@@ -185,6 +208,16 @@ impl Branches {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Moves the branches out, as [`Sequence::take`].
+    pub(crate) fn take(&mut self) -> Branches {
+        let hollow = Branches {
+            base: Vec::new(),
+            rows: Vec::new(),
+            kv: self.kv.hollow(),
+        };
+        std::mem::replace(self, hollow)
     }
 
     /// Branch `j`'s own tokens (after the shared context).

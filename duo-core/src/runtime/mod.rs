@@ -11,15 +11,22 @@
 //!   every run goes through (the cache never leaves the device).
 //! - [`kv`]: [`Sequence`] (one context and its cache: append, truncate) and
 //!   [`Branches`] (k continuations forked from one sequence, run as a batch).
+//! - [`step`]: the forwards a drafter runs ([`Forwards`]), on the model
+//!   itself or moved to a scheduler's thread ([`StepClient`]) that runs
+//!   several drafters' steps as one forward ([`run_steps`]).
 
 pub mod discover;
 pub mod edit;
 pub mod env;
 pub mod kv;
 pub mod model;
+pub mod step;
 
 pub use kv::{Branches, Sequence};
-pub use model::{BatchItem, CausalLm, Device, HostTraffic, Logits, ModelInfo, ModelOptions};
+pub use model::{
+    BatchItem, BatchPart, CausalLm, Device, HostTraffic, Logits, ModelInfo, ModelOptions,
+};
+pub use step::{Forwards, Step, StepClient, StepResult, run_steps};
 
 /// Errors of the model runtime. Messages say what is missing and how to fix it.
 #[derive(Debug, thiserror::Error)]

@@ -179,6 +179,83 @@ pub struct BatchItem<'a> {
     pub rows: usize,
 }
 
+/// One part of a batched forward ([`CausalLm::extend_parts`]).
+pub enum BatchPart<'a> {
+    /// One sequence and what it is fed (one batch row).
+    Seq(BatchItem<'a>),
+    /// Branches, each fed one token (`tokens[j]` to branch j): one batch
+    /// row per branch, as [`CausalLm::extend_branches`].
+    Branches {
+        br: &'a mut Branches,
+        tokens: &'a [u32],
+    },
+}
+
+impl BatchPart<'_> {
+    /// Cached positions of each of its batch rows.
+    fn context_len(&self) -> usize {
+        match self {
+            BatchPart::Seq(item) => item.seq.len(),
+            BatchPart::Branches { br, .. } => br.len(),
+        }
+    }
+
+    /// Tokens fed to each of its batch rows.
+    fn feed(&self) -> usize {
+        match self {
+            BatchPart::Seq(item) => item.tokens.len(),
+            BatchPart::Branches { .. } => 1,
+        }
+    }
+
+    /// Batch rows it takes.
+    fn batch_rows(&self) -> usize {
+        match self {
+            BatchPart::Seq(_) => 1,
+            BatchPart::Branches { br, .. } => br.count(),
+        }
+    }
+
+    /// The tokens fed to each of its batch rows.
+    fn row_tokens(&self) -> Vec<&[u32]> {
+        match self {
+            BatchPart::Seq(item) => vec![item.tokens],
+            BatchPart::Branches { tokens, .. } => tokens.chunks(1).collect(),
+        }
+    }
+
+    /// Logits rows wanted per batch row (the last ones fed).
+    fn logit_rows(&self) -> usize {
+        match self {
+            BatchPart::Seq(item) => item.rows,
+            BatchPart::Branches { .. } => 1,
+        }
+    }
+
+    fn kv(&self) -> &KvCache {
+        match self {
+            BatchPart::Seq(item) => &item.seq.kv,
+            BatchPart::Branches { br, .. } => &br.kv,
+        }
+    }
+
+    /// Takes in the forward's cache (`len` positions) and the fed tokens.
+    fn advance(&mut self, kv: Vec<DynValue>, len: usize) {
+        match self {
+            BatchPart::Seq(item) => {
+                item.seq.kv.replace(kv, len);
+                item.seq.tokens.extend_from_slice(item.tokens);
+            }
+            BatchPart::Branches { br, tokens } => {
+                br.kv.replace(kv, len);
+                for (row, &t) in br.rows.iter_mut().zip(tokens.iter()) {
+                    row.push(t);
+                }
+            }
+        }
+    }
+}
+
 /// A loaded decoder-only model. One session; `&mut self` to run (ONNX
 /// Runtime sessions are not used concurrently).
 pub struct CausalLm {
@@ -388,72 +465,90 @@ impl CausalLm {
     /// Feeds every item's tokens after its own sequence's context in one
     /// forward and returns each item's logits as [`Self::extend_last`]
     /// would (the last `rows` fed tokens' rows), leaving each sequence as
-    /// `extend_last` would.
-    ///
-    /// The items may differ in context length and in tokens fed: the caches
-    /// are stacked on the device, each left-padded to the longest context
-    /// ([`Editor::stack`]), and the fed tokens right-padded to the longest
-    /// feed; `attention_mask` hides every padding position and
-    /// `position_ids` place each item's tokens after its own context, so an
-    /// item's logits are those of its solo forward up to float rounding (a
-    /// longer key axis and a taller matrix change the summation order; the
-    /// masked keys get exactly zero weight). After the forward, each item's
-    /// cache and logits rows are cut out of the batch on the device.
-    ///
-    /// One item runs exactly as `extend_last`. A model without a
-    /// `position_ids` input (whose positions could not be told apart from
-    /// padding) runs the items one after the other. Every item is checked
-    /// before any forward runs; on an error of the forward no sequence has
-    /// changed.
+    /// `extend_last` would. [`Self::extend_parts`] with sequences only.
     pub fn extend_batch(
         &mut self,
         items: &mut [BatchItem<'_>],
     ) -> Result<Vec<Logits>, RuntimeError> {
-        if let [item] = items {
+        let mut parts: Vec<BatchPart<'_>> = items
+            .iter_mut()
+            .map(|it| {
+                BatchPart::Seq(BatchItem {
+                    seq: &mut *it.seq,
+                    tokens: it.tokens,
+                    rows: it.rows,
+                })
+            })
+            .collect();
+        self.extend_parts(&mut parts)
+    }
+
+    /// Runs every part in one forward and returns each part's logits as
+    /// its own call would ([`Self::extend_last`] for a sequence,
+    /// [`Self::extend_branches`] for branches), leaving each part as that
+    /// call would.
+    ///
+    /// The parts may differ in context length and in tokens fed: the caches
+    /// are stacked on the device, each left-padded to the longest context
+    /// ([`Editor::stack`]; a part of k branches brings k batch rows of one
+    /// length), and the fed tokens right-padded to the longest feed;
+    /// `attention_mask` hides every padding position and `position_ids`
+    /// place each row's tokens after its own context, so a part's logits
+    /// are those of its solo forward up to float rounding (a longer key
+    /// axis and a taller matrix change the summation order; the masked keys
+    /// get exactly zero weight). After the forward, each part's cache and
+    /// logits rows are cut out of the batch on the device.
+    ///
+    /// One part runs exactly as its own call. A model without a
+    /// `position_ids` input (whose positions could not be told apart from
+    /// padding) runs the parts one after the other. Every part is checked
+    /// before any forward runs; on an error of the forward no part has
+    /// changed.
+    pub fn extend_parts(
+        &mut self,
+        parts: &mut [BatchPart<'_>],
+    ) -> Result<Vec<Logits>, RuntimeError> {
+        if let [part] = parts {
             // The solo forward, which checks its own call.
-            return Ok(vec![self.extend_last(item.seq, item.tokens, item.rows)?]);
+            return Ok(vec![self.extend_part(part)?]);
         }
-        for (i, item) in items.iter().enumerate() {
-            if item.tokens.is_empty() {
-                return Err(RuntimeError::Invalid(format!(
-                    "batch item {i}: extend needs at least one token"
-                )));
-            }
-            self.check_call(item.seq.len() + item.tokens.len(), item.tokens)?;
+        for (i, part) in parts.iter().enumerate() {
+            self.check_part(part)
+                .map_err(|e| RuntimeError::Invalid(format!("batch part {i}: {e}")))?;
         }
-        if items.is_empty() || !self.info.has_position_ids {
-            return items
-                .iter_mut()
-                .map(|item| self.extend_last(item.seq, item.tokens, item.rows))
-                .collect();
+        if parts.is_empty() || !self.info.has_position_ids {
+            return parts.iter_mut().map(|p| self.extend_part(p)).collect();
         }
-        let batch = items.len();
-        let lens: Vec<usize> = items.iter().map(|it| it.seq.len()).collect();
-        let feeds: Vec<usize> = items.iter().map(|it| it.tokens.len()).collect();
+        let lens: Vec<usize> = parts.iter().map(BatchPart::context_len).collect();
+        let feeds: Vec<usize> = parts.iter().map(BatchPart::feed).collect();
+        let heights: Vec<usize> = parts.iter().map(BatchPart::batch_rows).collect();
+        let batch: usize = heights.iter().sum();
         let longest_past = lens.iter().copied().max().unwrap_or(0);
         let longest_feed = feeds.iter().copied().max().unwrap_or(1);
         let total = longest_past + longest_feed;
         let mut ids = Vec::with_capacity(batch * longest_feed);
         let mut mask = Vec::with_capacity(batch * total);
         let mut positions = Vec::with_capacity(batch * longest_feed);
-        for (item, &len) in items.iter().zip(&lens) {
-            let fed = item.tokens.len();
-            // Padding feeds the item's last token again at its last
-            // position: in range for the model, hidden from every real query.
-            let last = item.tokens[fed - 1];
-            for j in 0..longest_feed {
-                ids.push(i64::from(item.tokens.get(j).copied().unwrap_or(last)));
-                positions.push((len + j.min(fed - 1)) as i64);
+        for ((part, &len), &fed) in parts.iter().zip(&lens).zip(&feeds) {
+            for row in part.row_tokens() {
+                // Padding feeds the row's last token again at its last
+                // position: in range for the model, hidden from every real
+                // query.
+                let last = row[fed - 1];
+                for j in 0..longest_feed {
+                    ids.push(i64::from(row.get(j).copied().unwrap_or(last)));
+                    positions.push((len + j.min(fed - 1)) as i64);
+                }
+                mask.extend(std::iter::repeat_n(0i64, longest_past - len));
+                mask.extend(std::iter::repeat_n(1i64, len + fed));
+                mask.extend(std::iter::repeat_n(0i64, longest_feed - fed));
             }
-            mask.extend(std::iter::repeat_n(0i64, longest_past - len));
-            mask.extend(std::iter::repeat_n(1i64, len + fed));
-            mask.extend(std::iter::repeat_n(0i64, longest_feed - fed));
         }
         let host_inputs = ids.len() + mask.len() + positions.len();
         let ids = Tensor::from_array(([batch, longest_feed], ids))?.into_dyn();
         let mask = Tensor::from_array(([batch, total], mask))?.into_dyn();
         let positions = Tensor::from_array(([batch, longest_feed], positions))?.into_dyn();
-        let caches: Vec<&[DynValue]> = items.iter().map(|it| it.seq.kv.values.as_slice()).collect();
+        let caches: Vec<&[DynValue]> = parts.iter().map(|p| p.kv().values.as_slice()).collect();
         let past = self.editor.stack(&caches, &lens)?;
         let mut inputs: Vec<(&str, &DynValue)> = Vec::with_capacity(3 + past.len());
         inputs.push(("input_ids", &ids));
@@ -469,28 +564,75 @@ impl CausalLm {
             &inputs,
             false,
         )?;
-        // Cut every item out of the batch before changing any sequence.
-        let mut cut = Vec::with_capacity(batch);
-        for (b, item) in items.iter().enumerate() {
-            let (len, fed) = (lens[b], feeds[b]);
-            let rows = item.rows.clamp(1, fed);
+        // Cut every part out of the batch (one run for the caches, one for
+        // the logits rows) before changing any.
+        let mut kv_cuts = Vec::with_capacity(parts.len());
+        let mut row_cuts = Vec::with_capacity(parts.len());
+        let mut top = 0;
+        for (b, part) in parts.iter().enumerate() {
+            let (len, fed, height) = (lens[b], feeds[b], heights[b]);
+            let rows = part.logit_rows().clamp(1, fed);
             let pad = longest_past - len;
-            let kv = self
-                .editor
-                .slice(&present, b..b + 1, pad..pad + len + fed)?;
-            let rows = self.editor.logit_rows(&logits, b..b + 1, fed - rows..fed)?;
-            cut.push((kv, extract_logits(&rows, self.info.vocab_size)?));
+            kv_cuts.push((top..top + height, pad..pad + len + fed));
+            row_cuts.push((top..top + height, fed - rows..fed));
+            top += height;
         }
-        let mut all = Vec::with_capacity(batch);
-        for ((item, (kv, logits)), len) in items.iter_mut().zip(cut).zip(lens) {
-            item.seq.kv.replace(kv, len + item.tokens.len());
-            item.seq.tokens.extend_from_slice(item.tokens);
+        let kvs = self.editor.unstack(&present, &kv_cuts)?;
+        let rows = self.editor.logit_pieces(&logits, &row_cuts)?;
+        let mut cut = Vec::with_capacity(parts.len());
+        for (kv, rows) in kvs.into_iter().zip(&rows) {
+            cut.push((kv, extract_logits(rows, self.info.vocab_size)?));
+        }
+        let mut all = Vec::with_capacity(parts.len());
+        for ((part, (kv, logits)), (len, fed)) in
+            parts.iter_mut().zip(cut).zip(lens.iter().zip(&feeds))
+        {
+            part.advance(kv, len + fed);
             self.traffic.to_host_bytes += logits.host_bytes as u64;
             all.push(logits);
         }
         self.traffic.forwards += 1;
         self.traffic.to_device_bytes += (host_inputs * std::mem::size_of::<i64>()) as u64;
         Ok(all)
+    }
+
+    /// One part's own call.
+    fn extend_part(&mut self, part: &mut BatchPart<'_>) -> Result<Logits, RuntimeError> {
+        match part {
+            BatchPart::Seq(item) => self.extend_last(item.seq, item.tokens, item.rows),
+            BatchPart::Branches { br, tokens } => self.extend_branches(br, tokens),
+        }
+    }
+
+    /// Refuses a part its own call would refuse.
+    fn check_part(&self, part: &BatchPart<'_>) -> Result<(), RuntimeError> {
+        let (tokens, branches) = match part {
+            BatchPart::Seq(item) => (item.tokens, None),
+            BatchPart::Branches { br, tokens } => (*tokens, Some(br.count())),
+        };
+        self.check_feed(part.context_len(), tokens, branches)
+    }
+
+    /// Refuses feeding `tokens` after `context` cached positions to one
+    /// sequence (`branches` None: at least one token) or one token to each
+    /// of `branches` branches, where the call itself would refuse it.
+    pub(crate) fn check_feed(
+        &self,
+        context: usize,
+        tokens: &[u32],
+        branches: Option<usize>,
+    ) -> Result<(), RuntimeError> {
+        match branches {
+            None if tokens.is_empty() => Err(RuntimeError::Invalid(
+                "extend needs at least one token".into(),
+            )),
+            None => self.check_call(context + tokens.len(), tokens),
+            Some(k) if tokens.len() != k => Err(RuntimeError::Invalid(format!(
+                "extend_branches got {} tokens for {k} branches",
+                tokens.len()
+            ))),
+            Some(_) => self.check_call(context + 1, tokens),
+        }
     }
 
     /// Refuses a forward that would reach a context of `context` positions

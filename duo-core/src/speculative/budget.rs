@@ -183,6 +183,33 @@ impl BudgetController {
         }
     }
 
+    /// Folds a finished generation's estimates into this one (a seed that
+    /// new generations start from): each estimate moves `weight` of the
+    /// way toward `finished`'s. Generations running at the same time each
+    /// adapt their own copy and are folded in one by one as they end, so
+    /// none overwrites another's measurements.
+    pub fn absorb(&mut self, finished: &BudgetController, weight: f64) {
+        let pairs = [
+            (&mut self.draft_step, &finished.draft_step),
+            (&mut self.draft_tokens, &finished.draft_tokens),
+            (&mut self.n, &finished.n),
+            (&mut self.t, &finished.t),
+            (&mut self.nn, &finished.nn),
+            (&mut self.nt, &finished.nt),
+        ];
+        for (mine, theirs) in pairs {
+            mine.blend(theirs, weight);
+        }
+        self.draft_limiter
+            .spread
+            .blend(&finished.draft_limiter.spread, weight);
+        self.target_limiter
+            .spread
+            .blend(&finished.target_limiter.spread, weight);
+        self.draft_samples = self.draft_samples.max(finished.draft_samples);
+        self.target_samples = self.target_samples.max(finished.target_samples);
+    }
+
     /// The settings in use (sanitised).
     pub fn config(&self) -> &BudgetConfig {
         &self.config
@@ -350,6 +377,35 @@ mod tests {
     use super::*;
     use crate::sampling::rng_from_seed;
     use rand::Rng as _;
+
+    /// Two generations that ran at the same time, one under a slow draft
+    /// (a shared, busy worker) and one under a fast one, both end up in
+    /// the seed: neither overwrites the other, and a fresh generation
+    /// starts between the two.
+    #[test]
+    fn finished_generations_fold_into_the_seed() {
+        let mut seed = BudgetController::default();
+        let (mut slow, mut fast) = (seed.clone(), seed.clone());
+        for _ in 0..50 {
+            slow.observe_draft(4, 4, 4.0 * 4e-3);
+            slow.observe_target(8, 30e-3);
+            fast.observe_draft(4, 4, 4.0 * 1e-3);
+            fast.observe_target(8, 30e-3);
+        }
+        seed.absorb(&slow, 0.5);
+        seed.absorb(&fast, 0.5);
+        let step = seed.draft_step_secs().unwrap();
+        assert!(step > 1e-3 && step < 4e-3, "{step}");
+        let (g_slow, g_fast, g_seed) = (
+            slow.choose_gamma(8),
+            fast.choose_gamma(8),
+            seed.choose_gamma(8),
+        );
+        assert!(
+            g_slow <= g_seed && g_seed <= g_fast,
+            "{g_slow} {g_seed} {g_fast}"
+        );
+    }
 
     /// Synthetic costs: draft step `d` ms, target `a + b·n` ms.
     struct Costs {
