@@ -52,6 +52,15 @@ pub struct LoadArgs {
     /// First port of the local deployments.
     #[arg(long, default_value_t = 50151)]
     port: u16,
+    /// Round-trip times (ms) to add on the links in --rtt-links, one
+    /// deployment each, after one with none (delaying proxies on loopback:
+    /// what the split across hosts costs).
+    #[arg(long, value_delimiter = ',')]
+    rtt_ms: Vec<f64>,
+    /// The links --rtt-ms delays, each in turn: `draft` (orchestrator ↔
+    /// draft workers), `target` (orchestrator ↔ target).
+    #[arg(long, value_delimiter = ',', default_value = "draft,target")]
+    rtt_links: Vec<RttLink>,
     /// Measure this running orchestrator instead (then --drafts is ignored).
     #[arg(long)]
     endpoint: Option<String>,
@@ -60,9 +69,20 @@ pub struct LoadArgs {
     out: Option<PathBuf>,
 }
 
+/// A link of the orchestrator's that `--rtt-ms` delays.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum RttLink {
+    Draft,
+    Target,
+}
+
 #[derive(Serialize)]
 struct Point {
     drafts: Option<usize>,
+    /// Round-trip time added on the draft and the target links (ms).
+    draft_rtt_ms: f64,
+    target_rtt_ms: f64,
     /// The target's `--max-batch` (None: a running orchestrator's).
     max_batch: Option<u64>,
     mode: Mode,
@@ -77,9 +97,40 @@ struct Point {
     ttft_p99_ms: f64,
     /// Generations whose tokens equal the autoregressive reference.
     identical: usize,
+    /// Every generation that differs: where, and the target's top-2 logit
+    /// gap there (a divergence is legitimate only at a near-tie,
+    /// `speculative::verify::NEAR_TIE_GAP`).
+    divergences: Vec<Divergence>,
     /// How the workers batched during this point (local deployments).
     #[serde(skip_serializing_if = "Option::is_none")]
     batching: Option<Batching>,
+}
+
+/// The target, loaded in this process on the first divergence, to measure
+/// how close the call was there.
+#[derive(Default)]
+struct Judge(Option<duo_core::engine::Engine>);
+
+impl Judge {
+    fn gap(&mut self, models: &crate::ModelArgs, context: &[u32]) -> anyhow::Result<f32> {
+        if self.0.is_none() {
+            let cfg = models.config_for(false)?;
+            self.0 = Some(duo_core::engine::Engine::load(&cfg)?);
+        }
+        match self.0.as_mut() {
+            Some(engine) => Ok(engine.target_top2_gap(context)?),
+            None => anyhow::bail!("the target did not load"),
+        }
+    }
+}
+
+/// A greedy generation that differs from the autoregressive reference.
+#[derive(Serialize, Debug, Clone)]
+struct Divergence {
+    prompt: usize,
+    position: usize,
+    top2_gap: f32,
+    near_tie: bool,
 }
 
 /// How the draft workers and the target batched over one point: means over
@@ -257,6 +308,8 @@ fn measure(
     ttft.sort_by(f64::total_cmp);
     Ok(Point {
         drafts: None,
+        draft_rtt_ms: 0.0,
+        target_rtt_ms: 0.0,
         max_batch: None,
         mode: params.mode,
         clients,
@@ -269,6 +322,21 @@ fn measure(
         ttft_p50_ms: percentile(&ttft, 0.5),
         ttft_p99_ms: percentile(&ttft, 0.99),
         identical,
+        divergences: all
+            .iter()
+            .filter(|(i, t, _, _)| reference.get(*i) != Some(t))
+            .map(|(i, t, _, _)| {
+                let want = reference.get(*i).map_or(&[][..], Vec::as_slice);
+                let position = t.iter().zip(want).take_while(|(a, b)| a == b).count();
+                (*i, position)
+            })
+            .map(|(prompt, position)| Divergence {
+                prompt,
+                position,
+                top2_gap: f32::NAN,
+                near_tie: false,
+            })
+            .collect(),
         batching: None,
     })
 }
@@ -281,6 +349,7 @@ fn sweep(
     drafts: Option<usize>,
     max_batch: Option<u64>,
     scrape: Option<&Scrape>,
+    judge: &mut Judge,
 ) -> anyhow::Result<Vec<Point>> {
     let base = GenerateParams {
         max_new_tokens: a.max_new_tokens,
@@ -305,6 +374,25 @@ fn sweep(
             };
             let before = scrape.map(Scrape::totals).transpose()?;
             let mut p = measure(endpoint, prompts, &reference, &params, clients, a.requests)?;
+            for d in &mut p.divergences {
+                let mut ctx = prompts[d.prompt].clone();
+                ctx.extend_from_slice(
+                    &reference[d.prompt][..d.position.min(reference[d.prompt].len())],
+                );
+                d.top2_gap = judge.gap(&a.models, &ctx)?;
+                d.near_tie = d.top2_gap < duo_core::speculative::verify::NEAR_TIE_GAP;
+                eprintln!(
+                    "    prompt {}: diverged from autoregressive at token {} (target top-2 gap {:.2e}{})",
+                    d.prompt,
+                    d.position,
+                    d.top2_gap,
+                    if d.near_tie {
+                        ", a near-tie"
+                    } else {
+                        ": NOT a near-tie"
+                    }
+                );
+            }
             if let (Some(s), Some(before)) = (scrape, before) {
                 p.batching = Some(Batching::between(&before, &s.totals()?));
             }
@@ -354,33 +442,60 @@ pub fn run(a: LoadArgs) -> anyhow::Result<()> {
         .map(|p| p.ids)
         .collect();
     let mut points = Vec::new();
+    let mut judge = Judge::default();
     match &a.endpoint {
-        Some(e) => points.extend(sweep(&a, e, &prompts, None, None, None)?),
+        Some(e) => points.extend(sweep(&a, e, &prompts, None, None, None, &mut judge)?),
         None => {
-            for &batch in &a.max_batch {
-                for &d in &a.drafts {
-                    let flags = ["--max-batch".to_string(), batch.to_string()];
-                    let ports = Ports {
-                        grpc: a.port,
-                        http: None,
-                        metrics: Some(a.port + METRICS_PORT_OFFSET),
-                    };
-                    let dep = crate::up::start(&a.models, &ports, d, false, &flags)?;
-                    let base = a.port + METRICS_PORT_OFFSET;
-                    let scrape = Scrape {
-                        target: service_port(base, Service::Target),
-                        drafts: (0..d)
-                            .map(|i| service_port(base, Service::Draft(i)))
-                            .collect(),
-                    };
-                    points.extend(sweep(
-                        &a,
-                        &dep.endpoint,
-                        &prompts,
-                        Some(d),
-                        Some(batch),
-                        Some(&scrape),
-                    )?);
+            // (draft RTT, target RTT) per deployment: none, then each link.
+            let mut rtts = vec![(0.0, 0.0)];
+            for &link in &a.rtt_links {
+                for &ms in a.rtt_ms.iter().filter(|&&ms| ms > 0.0) {
+                    rtts.push(match link {
+                        RttLink::Draft => (ms, 0.0),
+                        RttLink::Target => (0.0, ms),
+                    });
+                }
+            }
+            for &(draft_rtt, target_rtt) in &rtts {
+                for &batch in &a.max_batch {
+                    for &d in &a.drafts {
+                        let flags = ["--max-batch".to_string(), batch.to_string()];
+                        let ms = |x: f64| std::time::Duration::from_secs_f64(x / 1e3);
+                        let ports = Ports {
+                            grpc: a.port,
+                            http: None,
+                            metrics: Some(a.port + METRICS_PORT_OFFSET),
+                            draft_rtt: ms(draft_rtt),
+                            target_rtt: ms(target_rtt),
+                        };
+                        let dep = crate::up::start(&a.models, &ports, d, false, &flags)?;
+                        let base = a.port + METRICS_PORT_OFFSET;
+                        let scrape = Scrape {
+                            target: service_port(base, Service::Target),
+                            drafts: (0..d)
+                                .map(|i| service_port(base, Service::Draft(i)))
+                                .collect(),
+                        };
+                        if draft_rtt > 0.0 || target_rtt > 0.0 {
+                            eprintln!(
+                                "added RTT: draft link {draft_rtt} ms, target link {target_rtt} ms"
+                            );
+                        }
+                        let mut got = sweep(
+                            &a,
+                            &dep.endpoint,
+                            &prompts,
+                            Some(d),
+                            Some(batch),
+                            Some(&scrape),
+                            &mut judge,
+                        )?;
+                        for p in &mut got {
+                            p.draft_rtt_ms = draft_rtt;
+                            p.target_rtt_ms = target_rtt;
+                        }
+                        points.extend(got);
+                    }
                 }
             }
         }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod delay;
 mod load;
 mod runtime_sweep;
 mod up;

@@ -59,6 +59,8 @@ pub enum Service {
 pub struct Deployment {
     children: Vec<(String, Child)>,
     pub endpoint: String,
+    /// The delaying proxies in front of the workers, if any.
+    _proxies: Option<crate::delay::Proxies>,
 }
 
 impl Drop for Deployment {
@@ -123,7 +125,15 @@ pub struct Ports {
     pub http: Option<u16>,
     /// Metrics ports' base ([`service_port`]), if served.
     pub metrics: Option<u16>,
+    /// Round-trip time added between the orchestrator and the draft
+    /// workers, and between it and the target (delaying proxies on
+    /// loopback, [`crate::delay`]; zero: a direct link).
+    pub draft_rtt: Duration,
+    pub target_rtt: Duration,
 }
+
+/// The delaying proxies listen this far above the service they front.
+const PROXY_PORT_OFFSET: u16 = 30;
 
 pub fn start(
     m: &ModelArgs,
@@ -206,8 +216,39 @@ pub fn start(
         o.extend(["--http-listen".into(), format!("127.0.0.1:{h}")]);
     }
     o.extend(metrics(Service::Orchestrator));
+    // The orchestrator's links through delaying proxies, where asked.
+    let proxies = if ports.draft_rtt.is_zero() && ports.target_rtt.is_zero() {
+        None
+    } else {
+        let proxies = crate::delay::Proxies::new()?;
+        let mut links: Vec<(Service, Duration)> = vec![(Service::Target, ports.target_rtt)];
+        links.extend((0..drafts).map(|i| (Service::Draft(i), ports.draft_rtt)));
+        for (service, rtt) in links {
+            if rtt.is_zero() {
+                continue;
+            }
+            let real = service_port(port, service);
+            let front = real + PROXY_PORT_OFFSET;
+            proxies.add(
+                ([127, 0, 0, 1], front).into(),
+                ([127, 0, 0, 1], real).into(),
+                rtt,
+            )?;
+            let (from, to) = (format!(":{real}"), format!(":{front}"));
+            for arg in o.iter_mut() {
+                if arg.starts_with("http://127.0.0.1") && arg.ends_with(&from) {
+                    *arg = arg.replace(&from, &to);
+                }
+            }
+        }
+        Some(proxies)
+    };
     children.push(spawn("orchestrator", &o, log)?);
-    let mut dep = Deployment { children, endpoint };
+    let mut dep = Deployment {
+        children,
+        endpoint,
+        _proxies: proxies,
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         for (name, child) in &mut dep.children {
@@ -244,6 +285,8 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         grpc: a.port,
         http: a.http_port,
         metrics: a.metrics_port,
+        draft_rtt: Duration::ZERO,
+        target_rtt: Duration::ZERO,
     };
     let dep = start(&a.models, &ports, a.drafts, a.demo.is_none(), &[])?;
     eprintln!(
