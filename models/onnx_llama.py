@@ -22,7 +22,9 @@ in f32 (as in transformers). Attention reads the cache as stored (rounded to
 DTYPE), so incremental decoding matches a full prefill.
 
 --weights PATH (model.safetensors or .index.json; F32/F16/BF16; LlamaForCausalLM
-names) takes the shape from the config.json beside it; --random draws N(0, 0.02)
+names; or a torch-exported Llama model.onnx such as models/target/model.onnx,
+whose weights are read back bit for bit) takes the shape from the config.json
+beside it; --random draws N(0, 0.02)
 weights (norms 1) from --seed in the shape the flags give. Weights over 1 GiB
 (or --external) go to model.onnx.data tensor by tensor (protobuf's limit is
 2 GiB), so a 1B model builds in little RAM. Writes model.onnx [+ .data],
@@ -30,7 +32,7 @@ config.json [+ the source's generation_config.json]; --check then runs check().
 
   python models/onnx_llama.py --out DIR --random --hidden 2048 --layers 16 \
       --heads 32 --kv-heads 8 --ffn 5632 --vocab 32000 --dtype f16 --compute f32 --check
-  python models/onnx_llama.py --out DIR --weights models/target/model.safetensors \
+  python models/onnx_llama.py --out DIR --weights models/target/model.onnx \
       --dtype f16 --compute f32 --check
 """
 
@@ -84,6 +86,56 @@ class SafeTensors:
         a = np.memmap(f, dtype=self.DT[m["dtype"]], mode="r", offset=base + start, shape=tuple(shape))
         if m["dtype"] == "BF16":
             a = (a.astype(np.uint32) << 16).view(np.float32)
+        return a
+
+
+class TorchExportWeights:
+    """The weights of a Llama exported to ONNX by torch (the bundled
+    models/target and models/draft): embedding and norms under their module
+    names (`m.model.…`, `_fp16` for fp16 tensors), each layer's seven
+    projections as anonymous initializers, found in the order the graph
+    multiplies by them (q, k, v, o, gate, up, down; stored transposed).
+    Bit-exact with the safetensors the export was made from."""
+
+    SLOTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+    def __init__(self, path: pathlib.Path):
+        model = onnx.load(str(path))
+        inits = {i.name: i for i in model.graph.initializer}
+        made_by = {o: n for n in model.graph.node for o in n.output}
+        self.arrays = {}
+        for name, t in inits.items():
+            if name.startswith("m.model.") and "rot" not in name:
+                hf = name[len("m."):].removesuffix("_fp16")
+                a = numpy_helper.to_array(t)
+                # Norms kept in f32 by the export hold fp16 values: back to f16.
+                if a.dtype == np.float32 and np.array_equal(a.astype(np.float16).astype(np.float32), a):
+                    a = a.astype(np.float16)
+                self.arrays[hf] = a
+        projections = []
+        for n in model.graph.node:
+            if n.op_type not in ("MatMul", "Gemm"):
+                continue
+            for x in n.input:
+                while x not in inits and x in made_by and made_by[x].op_type in ("Cast", "Transpose"):
+                    x = made_by[x].input[0]
+                if x in inits and not x.startswith("m.") and x not in projections:
+                    projections.append(x)
+        if len(projections) % len(self.SLOTS):
+            sys.exit(f"{path}: {len(projections)} projection weights, not 7 per layer: not a torch-exported Llama")
+        for k, name in enumerate(projections):
+            layer, slot = divmod(k, len(self.SLOTS))
+            a = numpy_helper.to_array(inits[name])
+            self.arrays[f"model.layers.{layer}.{self.SLOTS[slot]}.weight"] = np.ascontiguousarray(a.T)
+
+    def __contains__(self, name):
+        return name in self.arrays
+
+    def get(self, name, shape):
+        a = self.arrays[name]
+        if tuple(a.shape) != tuple(shape):
+            sys.exit(f"{name}: shape {list(a.shape)} in the ONNX file, config.json implies {list(shape)}")
         return a
 
 
@@ -379,7 +431,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=pathlib.Path, required=True)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", type=pathlib.Path, help="model.safetensors[.index.json], config.json beside it")
+    src.add_argument("--weights", type=pathlib.Path,
+                     help="model.safetensors[.index.json], or a torch-exported Llama model.onnx; config.json beside it")
     src.add_argument("--random", action="store_true", help="random weights from --seed")
     for flag, default in SHAPE.items():
         ap.add_argument("--" + flag.replace("_", "-"), type=int, default=default, help=f"--random (default {default})")
@@ -394,7 +447,10 @@ def main():
     a.compute = a.compute or a.dtype
     t0 = time.time()
     c = make_config(a)
-    weights = SafeTensors(a.weights) if a.weights else RandomWeights(a.seed)
+    if a.weights and a.weights.suffix == ".onnx":
+        weights = TorchExportWeights(a.weights)
+    else:
+        weights = SafeTensors(a.weights) if a.weights else RandomWeights(a.seed)
     shapes = [(nm, s) for nm, s in weight_shapes(c)
               if nm in weights and (nm != "lm_head.weight" or untied(c, weights))]
     params = sum(int(np.prod(s)) for _, s in shapes)

@@ -1,6 +1,6 @@
 //! What a GPU target runs, proven on CPU:
 //! - the fp16 export of the bundled target (made by `models/onnx_llama.py`
-//!   from its fp16 safetensors: fp16 weights, KV cache and logits, fp16
+//!   from the weights of its torch export, read back bit for bit: fp16 weights, KV cache and logits, fp16
 //!   arithmetic) runs through the same runtime, with its cache edits, and
 //!   decodes like the fp32 model up to fp16 near-ties;
 //! - `scripts/gpu-check.sh --cpu`, the one-shot GPU check in its CPU mode.
@@ -42,7 +42,7 @@ fn fp16_target(python: &str) -> PathBuf {
     let status = Command::new(python)
         .arg(m.join("onnx_llama.py"))
         .arg("--weights")
-        .arg(m.join("target/model.safetensors"))
+        .arg(m.join("target/model.onnx"))
         .args(["--dtype", "f16", "--out"])
         .arg(&out)
         .status()
