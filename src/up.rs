@@ -132,6 +132,48 @@ pub struct Ports {
     pub target_rtt: Duration,
 }
 
+/// Refuses, before anything starts, ports that collide with each other or
+/// that something else already holds, naming the service and the port.
+fn check_ports(ports: &Ports, drafts: usize) -> anyhow::Result<()> {
+    let mut wanted: Vec<(String, u16)> = vec![
+        (
+            "orchestrator (--port)".into(),
+            service_port(ports.grpc, Service::Orchestrator),
+        ),
+        (
+            "target-service (--port + 1)".into(),
+            service_port(ports.grpc, Service::Target),
+        ),
+    ];
+    wanted.extend((0..drafts).map(|i| {
+        (
+            format!("draft worker {i} (--port + {})", 2 + i),
+            service_port(ports.grpc, Service::Draft(i)),
+        )
+    }));
+    if let Some(h) = ports.http {
+        wanted.push(("the OpenAI HTTP API (--http-port)".into(), h));
+    }
+    if let Some(m) = ports.metrics {
+        wanted.push(("orchestrator metrics (--metrics-port)".into(), m));
+        wanted.push(("target metrics (--metrics-port + 1)".into(), m + 1));
+        wanted.extend((0..drafts).map(|i| (format!("draft worker {i} metrics"), m + 2 + i as u16)));
+    }
+    for (i, (who, port)) in wanted.iter().enumerate() {
+        if let Some((other, _)) = wanted[..i].iter().find(|(_, p)| p == port) {
+            bail!(
+                "port {port} is wanted by both {other} and {who}: choose ports that do not overlap"
+            );
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", *port)).is_err() {
+            bail!(
+                "port {port} (for {who}) is already in use on 127.0.0.1: stop what holds it or choose another port"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The delaying proxies listen this far above the service they front.
 const PROXY_PORT_OFFSET: u16 = 30;
 
@@ -145,6 +187,21 @@ pub fn start(
     let cfg = m.config()?;
     let path = |p: &Path| p.display().to_string();
     let port = ports.grpc;
+    check_ports(ports, drafts)?;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let pinned_drafts = if cfg.pin_cores {
+        // The target has core 0; draft worker i core 1 + i, while there is one.
+        let fit = drafts.min(cores.saturating_sub(1));
+        if fit < drafts {
+            eprintln!(
+                "warning: {drafts} draft worker(s) and the target on {cores} core(s): {} worker(s) get no core of their own and are left unpinned (they share cores with the others)",
+                drafts - fit
+            );
+        }
+        fit
+    } else {
+        0
+    };
     let metrics = |service: Service| -> Vec<String> {
         ports.metrics.map_or_else(Vec::new, |base| {
             vec![
@@ -191,8 +248,8 @@ pub fn start(
             "--threads".into(),
             cfg.draft_threads.to_string(),
         ];
-        if cfg.pin_cores {
-            // Draft workers share the cores after the target's.
+        if i < pinned_drafts {
+            // Draft workers take the cores after the target's.
             d.extend(["--cpu-core".into(), (1 + i).to_string()]);
         }
         d.extend(common.clone());

@@ -262,3 +262,40 @@ fn duo_up_demo_drafts() {
         "the demo lost its draft: {stderr}"
     );
 }
+
+/// `duo up` checks its ports before it starts anything: an `--http-port`
+/// on the target's port, or a port another program holds, is refused at
+/// once with the port and the service named (not "address already in
+/// use" from a child, with the others left running).
+#[test]
+fn duo_up_refuses_colliding_or_taken_ports() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().port();
+    let base = common::free_port().port().min(64000);
+    let run = |args: &[String]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_duo"))
+            .arg("up")
+            .args(args)
+            .output()
+            .expect("duo up runs");
+        assert!(!out.status.success(), "duo up {args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[
+        "--port".into(),
+        base.to_string(),
+        "--http-port".into(),
+        (base + 1).to_string(),
+    ]);
+    assert!(
+        err.contains(&format!("port {}", base + 1))
+            && err.contains("target-service")
+            && err.contains("--http-port"),
+        "{err}"
+    );
+    let err = run(&["--port".into(), taken.to_string()]);
+    assert!(
+        err.contains(&format!("port {taken}")) && err.contains("already in use"),
+        "{err}"
+    );
+}
