@@ -830,6 +830,17 @@ impl SessionLimiter {
         ))
     }
 
+    /// A queued request that got no slot within the queue's timeout: not
+    /// the same as [`Self::full`] (refused at once, the queue full).
+    fn timed_out(&self, what: &str) -> Status {
+        Status::resource_exhausted(format!(
+            "{what} is at its limit of {} concurrent {}, and none freed within the {} ms queue timeout: retry later or add capacity",
+            self.max,
+            self.unit,
+            self.queue_timeout.as_millis()
+        ))
+    }
+
     fn slot(&self, permit: OwnedSemaphorePermit) -> SessionSlot {
         self.open.fetch_add(1, Ordering::Relaxed);
         if let Some(g) = self.gauge {
@@ -868,7 +879,7 @@ impl SessionLimiter {
         let _waiting = Waiting(self.waiting.clone(), self.waiting_gauge);
         match tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(self.slot(permit)),
-            _ => Err(self.full(what)),
+            _ => Err(self.timed_out(what)),
         }
     }
 
@@ -930,6 +941,13 @@ mod tests {
         let _first = l.try_open("w").unwrap();
         let e = l.open("w").await.err().unwrap();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        // Said apart from a full queue (refused at once).
+        assert!(
+            e.message().contains("20 ms queue timeout"),
+            "{}",
+            e.message()
+        );
+        assert!(!e.message().contains("queued"), "{}", e.message());
         assert_eq!(l.waiting(), 0);
         assert_eq!(l.open_count(), 1);
     }
