@@ -218,7 +218,7 @@ pub fn start(
     }
     let mut t = vec![
         "--listen".into(),
-        target_addr.clone(),
+        target_addr,
         "--model".into(),
         path(&cfg.target),
         "--tokenizer".into(),
@@ -235,12 +235,11 @@ pub fn start(
     t.extend(metrics(Service::Target));
     t.extend(target_flags.iter().cloned());
     children.push(spawn("target-service", &t, log)?);
-    let mut draft_addrs = Vec::new();
     for i in 0..drafts {
         let addr = format!("127.0.0.1:{}", service_port(port, Service::Draft(i)));
         let mut d = vec![
             "--listen".into(),
-            addr.clone(),
+            addr,
             "--model".into(),
             path(&cfg.draft),
             "--tokenizer".into(),
@@ -255,51 +254,42 @@ pub fn start(
         d.extend(common.clone());
         d.extend(metrics(Service::Draft(i)));
         children.push(spawn("draft-service", &d, log)?);
-        draft_addrs.push(format!("http://{addr}"));
     }
+    // The orchestrator reaches each service directly, or through a
+    // delaying proxy where its link has an added round-trip time.
+    let delayed = !(ports.draft_rtt.is_zero() && ports.target_rtt.is_zero());
+    let proxies = delayed.then(crate::delay::Proxies::new).transpose()?;
+    let link = |service: Service, rtt: Duration| -> anyhow::Result<String> {
+        let real = service_port(port, service);
+        match &proxies {
+            Some(proxies) if !rtt.is_zero() => {
+                let front = real + PROXY_PORT_OFFSET;
+                proxies.add(
+                    ([127, 0, 0, 1], front).into(),
+                    ([127, 0, 0, 1], real).into(),
+                    rtt,
+                )?;
+                Ok(format!("http://127.0.0.1:{front}"))
+            }
+            _ => Ok(format!("http://127.0.0.1:{real}")),
+        }
+    };
     let endpoint = format!("127.0.0.1:{port}");
     let mut o = vec![
         "--listen".into(),
         endpoint.clone(),
         "--target".into(),
-        format!("http://{target_addr}"),
+        link(Service::Target, ports.target_rtt)?,
         "--tokenizer".into(),
         path(&cfg.tokenizer),
     ];
-    for d in &draft_addrs {
-        o.extend(["--draft".into(), d.clone()]);
+    for i in 0..drafts {
+        o.extend(["--draft".into(), link(Service::Draft(i), ports.draft_rtt)?]);
     }
     if let Some(h) = ports.http {
         o.extend(["--http-listen".into(), format!("127.0.0.1:{h}")]);
     }
     o.extend(metrics(Service::Orchestrator));
-    // The orchestrator's links through delaying proxies, where asked.
-    let proxies = if ports.draft_rtt.is_zero() && ports.target_rtt.is_zero() {
-        None
-    } else {
-        let proxies = crate::delay::Proxies::new()?;
-        let mut links: Vec<(Service, Duration)> = vec![(Service::Target, ports.target_rtt)];
-        links.extend((0..drafts).map(|i| (Service::Draft(i), ports.draft_rtt)));
-        for (service, rtt) in links {
-            if rtt.is_zero() {
-                continue;
-            }
-            let real = service_port(port, service);
-            let front = real + PROXY_PORT_OFFSET;
-            proxies.add(
-                ([127, 0, 0, 1], front).into(),
-                ([127, 0, 0, 1], real).into(),
-                rtt,
-            )?;
-            let (from, to) = (format!(":{real}"), format!(":{front}"));
-            for arg in o.iter_mut() {
-                if arg.starts_with("http://127.0.0.1") && arg.ends_with(&from) {
-                    *arg = arg.replace(&from, &to);
-                }
-            }
-        }
-        Some(proxies)
-    };
     children.push(spawn("orchestrator", &o, log)?);
     let mut dep = Deployment {
         children,

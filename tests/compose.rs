@@ -67,11 +67,12 @@ struct Project {
 }
 
 impl Project {
-    fn cmd(&self, args: &[&str]) -> String {
-        let root = common::models().join("..");
-        let out = Command::new(&self.compose[0])
-            .args(&self.compose[1..])
-            .current_dir(&root)
+    /// `docker compose` (or `docker-compose`) on this project's files and
+    /// ports, with `args`.
+    fn compose(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.compose[0]);
+        c.args(&self.compose[1..])
+            .current_dir(common::models().join(".."))
             .args([
                 "-p",
                 &self.name,
@@ -82,9 +83,12 @@ impl Project {
             ])
             .args(args)
             .env("DUO_GRPC_PORT", self.grpc.to_string())
-            .env("DUO_HTTP_PORT", self.http.to_string())
-            .output()
-            .expect("compose runs");
+            .env("DUO_HTTP_PORT", self.http.to_string());
+        c
+    }
+
+    fn cmd(&self, args: &[&str]) -> String {
+        let out = self.compose(args).output().expect("compose runs");
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -144,6 +148,25 @@ impl Project {
         Some(GenerationClient::new(ep.connect().await.ok()?))
     }
 
+    /// `up --scale draft=n`, keeping the running containers.
+    fn scale_drafts(&self, n: usize) {
+        let scale = format!("draft={n}");
+        self.cmd(&["up", "-d", "--no-build", "--no-recreate", "--scale", &scale]);
+    }
+
+    /// Waits until the orchestrator's pool has `n` healthy draft workers.
+    async fn wait_healthy_drafts(&self, n: usize, secs: u64, what: &str) {
+        common::wait_until(secs, what, || async {
+            self.pool()
+                .await
+                .iter()
+                .filter(|w| w.state == "healthy")
+                .count()
+                == n
+        })
+        .await;
+    }
+
     /// The orchestrator's draft pool.
     async fn pool(&self) -> Vec<pb::DraftWorkerState> {
         self.client()
@@ -157,18 +180,8 @@ impl Project {
 
 impl Drop for Project {
     fn drop(&mut self) {
-        let _ = Command::new(&self.compose[0])
-            .args(&self.compose[1..])
-            .current_dir(common::models().join(".."))
-            .args([
-                "-p",
-                &self.name,
-                "-f",
-                "compose.yaml",
-                "-f",
-                "compose.cpu.yaml",
-            ])
-            .args(["down", "--remove-orphans", "-t", "5"])
+        let _ = self
+            .compose(&["down", "--remove-orphans", "-t", "5"])
             .output();
     }
 }
@@ -321,17 +334,10 @@ async fn compose_serves_scales_fails_over_and_comes_down() {
     let refs: Vec<(String, Vec<u32>)> = PROMPTS.iter().map(|p| in_process(p)).collect();
 
     // Up with two draft replicas, healthy.
-    p.cmd(&["up", "-d", "--no-build", "--scale", "draft=2"]);
+    p.scale_drafts(2);
     p.wait_serving(120).await;
-    common::wait_until(60, "two healthy draft workers", || async {
-        p.pool()
-            .await
-            .iter()
-            .filter(|w| w.state == "healthy")
-            .count()
-            == 2
-    })
-    .await;
+    p.wait_healthy_drafts(2, 60, "two healthy draft workers")
+        .await;
 
     // gRPC and HTTP streams equal the in-process output.
     let (text, ids) = stream(&p, PROMPTS[0], TOKENS).await.expect("gRPC stream");
@@ -362,23 +368,9 @@ async fn compose_serves_scales_fails_over_and_comes_down() {
     }
 
     // Scale to three: found by DNS, and used.
-    p.cmd(&[
-        "up",
-        "-d",
-        "--no-build",
-        "--no-recreate",
-        "--scale",
-        "draft=3",
-    ]);
-    common::wait_until(60, "a third healthy draft worker", || async {
-        p.pool()
-            .await
-            .iter()
-            .filter(|w| w.state == "healthy")
-            .count()
-            == 3
-    })
-    .await;
+    p.scale_drafts(3);
+    p.wait_healthy_drafts(3, 60, "a third healthy draft worker")
+        .await;
     let placed_before: Vec<u64> = p.pool().await.iter().map(|w| w.sessions_placed).collect();
     for _ in 0..2 {
         three_streams(&p, &refs, "three replicas", || {}).await;
@@ -403,23 +395,9 @@ async fn compose_serves_scales_fails_over_and_comes_down() {
 
     // A draft container cut off the network mid-stream, then back (the
     // killed replica first brought back, as an operator would).
-    p.cmd(&[
-        "up",
-        "-d",
-        "--no-build",
-        "--no-recreate",
-        "--scale",
-        "draft=3",
-    ]);
-    common::wait_until(90, "three healthy draft workers", || async {
-        p.pool()
-            .await
-            .iter()
-            .filter(|w| w.state == "healthy")
-            .count()
-            == 3
-    })
-    .await;
+    p.scale_drafts(3);
+    p.wait_healthy_drafts(3, 90, "three healthy draft workers")
+        .await;
     let cut = p.containers("draft")[1].clone();
     let failures = three_streams(&p, &refs, "a draft cut off", || {
         docker(&["network", "disconnect", &p.network(), &cut]);
@@ -432,15 +410,8 @@ async fn compose_serves_scales_fails_over_and_comes_down() {
     // (Compose gave it the service's DNS alias when it made it; a manual
     // connect must give it again, or `draft` no longer resolves to it.)
     docker(&["network", "connect", "--alias", "draft", &p.network(), &cut]);
-    common::wait_until(90, "the cut-off worker healthy again", || async {
-        p.pool()
-            .await
-            .iter()
-            .filter(|w| w.state == "healthy")
-            .count()
-            == 3
-    })
-    .await;
+    p.wait_healthy_drafts(3, 90, "the cut-off worker healthy again")
+        .await;
     let placed: Vec<u64> = p.pool().await.iter().map(|w| w.sessions_placed).collect();
     for _ in 0..2 {
         three_streams(&p, &refs, "after reconnecting", || {}).await;

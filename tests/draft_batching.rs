@@ -45,12 +45,17 @@ struct Round {
 
 const ROUNDS: usize = 10;
 
-/// Runs `script` on the worker at `addr`: a prompt, then rounds whose
-/// syncs follow the trees the worker drafts, alternating "branch 0 is the
-/// next pending branch" (adopt it: the next tree may hedge inside its
-/// tail) and "the pending tail was rejected halfway" (keep the accepted
-/// half, append the target's other token). Returns every round.
-async fn run(addr: std::net::SocketAddr, info: &pb::WorkerInfo, script: &Script) -> Vec<Round> {
+/// Opens a draft session on the worker at `addr` with this sampling;
+/// returns its request sender and replies once the worker said `Opened`.
+async fn open_session(
+    addr: std::net::SocketAddr,
+    info: &pb::WorkerInfo,
+    temperature: f32,
+    seed: u64,
+) -> (
+    mpsc::Sender<pb::DraftRequest>,
+    tonic::Streaming<pb::DraftReply>,
+) {
     let mut client = DraftClient::new(common::channel(addr).await);
     let (tx, rx) = mpsc::channel(4);
     let mut replies = client
@@ -58,14 +63,13 @@ async fn run(addr: std::net::SocketAddr, info: &pb::WorkerInfo, script: &Script)
         .await
         .expect("session opens")
         .into_inner();
-    let vocab = info.model.as_ref().map_or(0, |m| m.vocab_size);
     let open = pb::OpenDraft {
-        vocab_size: vocab,
+        vocab_size: info.model.as_ref().map_or(0, |m| m.vocab_size),
         tokenizer_fingerprint: info.tokenizer_fingerprint.clone(),
-        temperature: script.temperature,
+        temperature,
         top_k: 0,
         top_p: 1.0,
-        seed: script.seed,
+        seed,
     };
     tx.send(pb::DraftRequest {
         kind: Some(draft_request::Kind::Open(open)),
@@ -74,6 +78,17 @@ async fn run(addr: std::net::SocketAddr, info: &pb::WorkerInfo, script: &Script)
     .unwrap();
     let opened = replies.message().await.expect("opened").expect("a reply");
     assert!(matches!(opened.kind, Some(draft_reply::Kind::Opened(_))));
+    (tx, replies)
+}
+
+/// Runs `script` on the worker at `addr`: a prompt, then rounds whose
+/// syncs follow the trees the worker drafts, alternating "branch 0 is the
+/// next pending branch" (adopt it: the next tree may hedge inside its
+/// tail) and "the pending tail was rejected halfway" (keep the accepted
+/// half, append the target's other token). Returns every round.
+async fn run(addr: std::net::SocketAddr, info: &pb::WorkerInfo, script: &Script) -> Vec<Round> {
+    let vocab = info.model.as_ref().map_or(0, |m| m.vocab_size);
+    let (tx, mut replies) = open_session(addr, info, script.temperature, script.seed).await;
     let mut sync = pb::Sync {
         adopt: None,
         keep: 0,
@@ -149,24 +164,7 @@ async fn run(addr: std::net::SocketAddr, info: &pb::WorkerInfo, script: &Script)
 /// Opens a session, sends a job with a long prompt and walks away without
 /// reading the tree (its stream dropped mid-job).
 async fn walk_away(addr: std::net::SocketAddr, info: &pb::WorkerInfo, prompt: Vec<u32>) {
-    let mut client = DraftClient::new(common::channel(addr).await);
-    let (tx, rx) = mpsc::channel(4);
-    let mut replies = client
-        .session(ReceiverStream::new(rx))
-        .await
-        .expect("session opens")
-        .into_inner();
-    let open = pb::OpenDraft {
-        vocab_size: info.model.as_ref().map_or(0, |m| m.vocab_size),
-        tokenizer_fingerprint: info.tokenizer_fingerprint.clone(),
-        ..Default::default()
-    };
-    let _ = tx
-        .send(pb::DraftRequest {
-            kind: Some(draft_request::Kind::Open(open)),
-        })
-        .await;
-    let _ = replies.message().await;
+    let (tx, _replies) = open_session(addr, info, 0.0, 0).await;
     let job = pb::DraftJob {
         sync: Some(pb::Sync {
             adopt: None,
